@@ -1,1 +1,312 @@
-pub fn x(){}
+//! Harness for tests that boot real guests under `skiff-vmm`.
+//!
+//! Guests run where `/dev/kvm` runs standard kernels ("direct"), and inside
+//! the test host (`tests/host/run`: QEMU TCG with AMD SVM and kvm_amd)
+//! everywhere else, such as on PVM hosts. `SKIFF_TEST_HOST=auto|direct|tcg`
+//! overrides the choice. To keep emulated boots few, a test hands over a
+//! batch of VM runs that go through one test host boot.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `$SKIFF_CACHE` or `~/.cache/skiff`.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("SKIFF_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/skiff"),
+    }
+}
+
+/// The guest fixtures built by `tests/guest/build`.
+#[derive(Debug, Clone)]
+pub struct Fixtures {
+    /// Minimal kernel with everything built in.
+    pub microvm: PathBuf,
+    /// Debian's stock kernel.
+    pub debian: PathBuf,
+    /// busybox initrd with tests/guest/init.
+    pub initrd: PathBuf,
+}
+
+/// The fixtures; panics with instructions when they are missing (a test
+/// that cannot boot its guest fails, it never passes by skipping).
+pub fn fixtures() -> Fixtures {
+    let dir = cache_dir().join("guest");
+    let f = Fixtures {
+        microvm: dir.join("vmlinuz-microvm"),
+        debian: dir.join("vmlinuz-debian"),
+        initrd: dir.join("initrd.cpio.gz"),
+    };
+    for p in [&f.microvm, &f.debian, &f.initrd] {
+        assert!(
+            p.is_file(),
+            "guest fixture {} is missing: run tests/guest/build first",
+            p.display()
+        );
+    }
+    f
+}
+
+/// The `skiff-vmm` binary, built on first use (`SKIFF_VMM` overrides).
+pub fn skiff_vmm() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SKIFF_VMM") {
+            return PathBuf::from(p);
+        }
+        // Test executables live in target/<profile>/deps.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "skiff-vmm",
+            "--bin",
+            "skiff-vmm",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for skiff-vmm");
+        assert!(status.success(), "cargo build -p skiff-vmm failed");
+        let bin = profile_dir.join("skiff-vmm");
+        assert!(bin.is_file(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Where guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// On this machine's /dev/kvm.
+    Direct,
+    /// Inside the QEMU TCG test host.
+    TestHost,
+}
+
+/// Picks the mode from `SKIFF_TEST_HOST` (auto|direct|tcg) and the host.
+pub fn mode() -> Mode {
+    match std::env::var("SKIFF_TEST_HOST").as_deref() {
+        Ok("direct") => Mode::Direct,
+        Ok("tcg") => Mode::TestHost,
+        Ok("auto") | Ok("") | Err(_) => {
+            // PVM's /dev/kvm runs only PVM-aware guest kernels.
+            let pvm = Path::new("/sys/module/kvm_pvm").exists();
+            let usable = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok();
+            if pvm || !usable {
+                Mode::TestHost
+            } else {
+                Mode::Direct
+            }
+        }
+        Ok(other) => panic!("SKIFF_TEST_HOST={other}: expected auto, direct or tcg"),
+    }
+}
+
+/// One VM run in a batch.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Label for messages and file names (letters, digits, '-').
+    pub name: String,
+    /// Arguments to `skiff-vmm`.
+    pub args: Vec<String>,
+    /// Seconds before the run is killed.
+    pub timeout_s: u64,
+    /// When set, send SIGTERM once the serial output contains this text.
+    pub sigterm_after: Option<String>,
+}
+
+impl VmSpec {
+    /// A run of `skiff-vmm args...` with a generous timeout.
+    pub fn new(name: &str, args: Vec<String>) -> Self {
+        VmSpec {
+            name: name.to_owned(),
+            args,
+            timeout_s: 300,
+            sigterm_after: None,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    /// The spec's name.
+    pub name: String,
+    /// Exit status of skiff-vmm (124 means it was killed on timeout).
+    pub status: Option<i32>,
+    /// The guest's serial console (skiff-vmm's stdout).
+    pub serial: String,
+    /// skiff-vmm's log (stderr).
+    pub log: String,
+}
+
+impl VmOutcome {
+    /// Everything, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "VM run '{}' ended with status {:?}\n--- skiff-vmm log ---\n{}\n--- serial (last 60 lines) ---\n{}",
+            self.name,
+            self.status,
+            self.log.trim_end(),
+            tail(&self.serial, 60)
+        )
+    }
+
+    /// The `key=value` facts the test init prints on its
+    /// `skiff-guest: kernel=...` line.
+    pub fn guest_fact(&self, key: &str) -> Option<String> {
+        let line = self
+            .serial
+            .lines()
+            .find(|l| l.starts_with("skiff-guest: kernel="))?;
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_owned())
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A scratch directory under target/ for one batch.
+pub fn scratch_dir(label: &str) -> PathBuf {
+    let dir = workspace_root()
+        .join("target/skiff-tests")
+        .join(format!("{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Runs `specs` one after another, in the test host or directly (see
+/// [`mode`]), and returns their outcomes in order. `host_memory_mib` sizes
+/// the test host: give it room for the largest guest.
+pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmOutcome> {
+    let dir = scratch_dir(label);
+    let vmm = skiff_vmm();
+    let mut script = String::from("#!/bin/sh\n# generated by the skiff test harness\n");
+    for (i, spec) in specs.iter().enumerate() {
+        let args: Vec<String> = spec.args.iter().map(|a| shell_quote(a)).collect();
+        let out = format!("{}/{i}.serial", dir.display());
+        let err = format!("{}/{i}.log", dir.display());
+        let status = format!("{}/{i}.status", dir.display());
+        let run = format!(
+            "timeout -k 10 {} {} {}",
+            spec.timeout_s,
+            shell_quote(&vmm.display().to_string()),
+            args.join(" ")
+        );
+        let _ = writeln!(script, "echo \"skiff-tests: run {i} ({})\" >&2", spec.name);
+        match &spec.sigterm_after {
+            None => {
+                let _ = writeln!(script, "{run} > '{out}' 2> '{err}' < /dev/null");
+                let _ = writeln!(script, "echo $? > '{status}'");
+            }
+            Some(marker) => {
+                let _ = writeln!(script, "{run} > '{out}' 2> '{err}' < /dev/null &");
+                let _ = writeln!(script, "pid=$!; n=0");
+                let _ = writeln!(
+                    script,
+                    "while ! grep -qF {} '{out}' && [ $n -lt {} ] && kill -0 $pid 2>/dev/null; do sleep 0.2; n=$((n+1)); done",
+                    shell_quote(marker),
+                    spec.timeout_s * 5
+                );
+                let _ = writeln!(script, "kill -TERM $pid; wait $pid; echo $? > '{status}'");
+            }
+        }
+    }
+    let script_path = dir.join("batch.sh");
+    std::fs::write(&script_path, script).expect("write batch script");
+
+    let started = Instant::now();
+    let mode = mode();
+    eprintln!(
+        "[{label}] running {} VM(s) {}",
+        specs.len(),
+        match mode {
+            Mode::Direct => "directly on /dev/kvm".to_owned(),
+            Mode::TestHost => format!("in the test host ({host_memory_mib} MiB)"),
+        }
+    );
+    let total_timeout: u64 = specs.iter().map(|s| s.timeout_s + 15).sum::<u64>() + 120;
+    let output = match mode {
+        Mode::Direct => Command::new("timeout")
+            .arg(total_timeout.to_string())
+            .arg("sh")
+            .arg(&script_path)
+            .output(),
+        Mode::TestHost => Command::new(workspace_root().join("tests/host/run"))
+            .args(["--cpus", "2", "--memory", &host_memory_mib.to_string()])
+            .args(["--timeout", &total_timeout.to_string()])
+            .arg("--share")
+            .arg(&dir)
+            .arg("--")
+            .arg("sh")
+            .arg(&script_path)
+            .output(),
+    }
+    .expect("start the batch");
+    eprintln!(
+        "[{label}] batch finished in {:.1?} with {}",
+        started.elapsed(),
+        output.status
+    );
+    let outcomes: Vec<VmOutcome> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let read = |ext: &str| {
+                std::fs::read(dir.join(format!("{i}.{ext}")))
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            };
+            VmOutcome {
+                name: spec.name.clone(),
+                status: read("status").trim().parse().ok(),
+                serial: read("serial"),
+                log: read("log"),
+            }
+        })
+        .collect();
+    if outcomes.iter().any(|o| o.status.is_none()) {
+        panic!(
+            "[{label}] the batch did not complete ({}); its output:\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    outcomes
+}

@@ -1,1 +1,118 @@
-fn main(){}
+//! The `skiff-vmm` command line: parses flags into a [`VmConfig`], runs the
+//! VM and turns its end into an exit status.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use skiff_vmm::config::DEFAULT_CMDLINE;
+use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use skiff_vmm::vm::{log_exit, MAX_CPUS};
+use skiff_vmm::{SerialConfig, Vm, VmConfig};
+
+const AFTER_HELP: &str = "\
+EXIT STATUS:
+  0  the guest powered off (or skiff-vmm was stopped by SIGTERM/SIGINT)
+  1  the VM could not be started (bad input, /dev/kvm missing or unusable)
+  2  invalid command-line arguments
+  3  the guest rebooted (a reset request: ACPI reset register or i8042)
+  4  the guest kernel panicked (reported through the pvpanic device)
+  5  the guest crashed: triple fault, KVM internal error or an exit
+     skiff-vmm cannot handle; the log names the reason and the registers
+
+ENVIRONMENT:
+  RUST_LOG  log filter (default: info), e.g. RUST_LOG=debug";
+
+/// Boot a Linux kernel straight into KVM: no firmware, an 8250 console on
+/// ttyS0, ACPI power management.
+#[derive(Parser, Debug)]
+#[command(name = "skiff-vmm", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// Kernel to boot: an x86_64 bzImage or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk (initrd/initramfs) to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
+    cpus: u8,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(MIN_MEMORY_MIB..=MAX_MEMORY_MIB))]
+    memory: u64,
+
+    /// Where the serial console (ttyS0) goes: stdio, file=PATH or none.
+    #[arg(long, value_name = "BACKEND", default_value = "stdio")]
+    serial: SerialConfig,
+
+    /// KVM device node to use.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+
+    /// Name of this VM in log lines.
+    #[arg(long, value_name = "NAME", default_value = "vm")]
+    name: String,
+}
+
+fn init_logging(name: &str) {
+    let name = name.to_owned();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "[{} {:<5} skiff-vmm {}] {}",
+                buf.timestamp_millis(),
+                record.level(),
+                name,
+                record.args()
+            )
+        })
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let config = VmConfig {
+        name: cli.name.clone(),
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        cpus: cli.cpus,
+        memory_mib: cli.memory,
+        serial: cli.serial,
+        kvm_device: cli.kvm_device,
+    };
+    let vm = Vm::new(config).context("cannot start the VM")?;
+    let reason = vm.run().context("VM failed")?;
+    log_exit(&cli.name, &reason);
+    Ok(reason.exit_code())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.name);
+    match run(cli) {
+        Ok(code) => {
+            let _ = std::io::stdout().flush();
+            // vCPU threads may still be inside KVM_RUN: leave at once.
+            std::process::exit(code);
+        }
+        Err(e) => {
+            // The VMM's errors already carry their cause in their message:
+            // print the context and the error, not the whole source chain.
+            let msg: Vec<String> = e.chain().take(2).map(|c| c.to_string()).collect();
+            log::error!("{}", msg.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}

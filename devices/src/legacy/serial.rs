@@ -166,8 +166,8 @@ mod tests {
     #[test]
     fn odd_sizes_and_offsets_are_ignored() {
         let (mut s, out) = serial();
-        s.write(0, &[b'a', b'b']);
-        s.write(100, &[b'a']);
+        s.write(0, b"ab");
+        s.write(100, b"a");
         let mut data = [0xffu8; 4];
         s.read(0, &mut data);
         assert_eq!(data, [0; 4]);

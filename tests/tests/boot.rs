@@ -1,0 +1,85 @@
+//! Boots real guests: both kernels at several vCPU counts and memory sizes,
+//! and checks from inside the guest what it was given.
+
+use skiff_tests::{fixtures, run_batch, VmOutcome, VmSpec};
+
+/// (vCPUs, MiB) pairs that cover one and several vCPUs, and memory below
+/// and above the 3 GiB MMIO gap.
+const SHAPES: [(u8, u64); 3] = [(1, 256), (2, 2048), (4, 6144)];
+const MARKER: &str = "skiff-guest: init ready";
+
+fn boot_spec(kernel: &std::path::Path, cpus: u8, mib: u64, cmdline_extra: &str) -> VmSpec {
+    let f = fixtures();
+    VmSpec::new(
+        &format!("cpus{cpus}-mem{mib}"),
+        vec![
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--initrd".into(),
+            f.initrd.display().to_string(),
+            "--cmdline".into(),
+            format!("console=ttyS0 panic=-1 {cmdline_extra}")
+                .trim()
+                .to_owned(),
+            "--cpus".into(),
+            cpus.to_string(),
+            "--memory".into(),
+            mib.to_string(),
+        ],
+    )
+}
+
+/// Checks a run that should have booted to the marker and powered off.
+fn assert_booted(o: &VmOutcome, cpus: u8, mib: u64) {
+    assert_eq!(o.status, Some(0), "expected power off:\n{}", o.describe());
+    assert!(
+        o.serial.contains(MARKER),
+        "no init marker:\n{}",
+        o.describe()
+    );
+    assert!(
+        o.log.contains("guest powered off"),
+        "no power-off log line:\n{}",
+        o.describe()
+    );
+    let nproc: u32 = o
+        .guest_fact("nproc")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no nproc from the guest:\n{}", o.describe()));
+    assert_eq!(nproc, u32::from(cpus), "nproc:\n{}", o.describe());
+    let memtotal_kb: u64 = o
+        .guest_fact("memtotal_kb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal from the guest:\n{}", o.describe()));
+    // MemTotal is what is left after the kernel's own reservations (its
+    // image, page structures): a little under what was asked, never more.
+    let asked_kb = mib * 1024;
+    let reserve_kb = 64 * 1024 + asked_kb / 40;
+    assert!(
+        memtotal_kb <= asked_kb && memtotal_kb + reserve_kb >= asked_kb,
+        "MemTotal {memtotal_kb} kB for {mib} MiB asked (allowed: {} to {asked_kb}):\n{}",
+        asked_kb - reserve_kb,
+        o.describe()
+    );
+}
+
+fn boot_matrix(label: &str, kernel: &std::path::Path) {
+    let specs: Vec<VmSpec> = SHAPES
+        .iter()
+        .map(|&(cpus, mib)| boot_spec(kernel, cpus, mib, ""))
+        .collect();
+    let outcomes = run_batch(label, 8192, &specs);
+    for (o, &(cpus, mib)) in outcomes.iter().zip(SHAPES.iter()) {
+        assert_booted(o, cpus, mib);
+    }
+}
+
+#[test]
+fn microvm_kernel_boots_with_matching_cpus_and_memory() {
+    boot_matrix("boot-microvm", &fixtures().microvm);
+}
+
+#[test]
+fn debian_kernel_boots_with_matching_cpus_and_memory() {
+    boot_matrix("boot-debian", &fixtures().debian);
+}

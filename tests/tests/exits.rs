@@ -1,0 +1,123 @@
+//! How a VM ends: reboot, kernel panic, triple fault and SIGTERM each give
+//! skiff-vmm's documented exit status and log line.
+
+use skiff_tests::{fixtures, run_batch, scratch_dir, VmSpec};
+
+fn guest_args(kernel: &std::path::Path, cmdline: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        fixtures().initrd.display().to_string(),
+        "--cmdline".into(),
+        cmdline.into(),
+    ]
+}
+
+/// A minimal ELF "kernel" that loads an empty IDT and raises #BP: the CPU
+/// escalates to a double and then a triple fault.
+fn triple_fault_elf(path: &std::path::Path) {
+    // xor eax,eax; push rax; push rax; lidt [rsp]; int3; hlt
+    let code: &[u8] = &[0x31, 0xc0, 0x50, 0x50, 0x0f, 0x01, 0x1c, 0x24, 0xcc, 0xf4];
+    let load = 0x10_0000u64;
+    let offset = 64 + 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&load.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    elf.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&(offset as u64).to_le_bytes());
+    elf.extend_from_slice(&load.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&load.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    assert_eq!(elf.len(), offset);
+    elf.extend_from_slice(code);
+    std::fs::write(path, elf).unwrap();
+}
+
+#[test]
+fn reboot_panic_triple_fault_and_sigterm_give_documented_statuses() {
+    let f = fixtures();
+    let dir = scratch_dir("exits-input");
+    let bad_kernel = dir.join("triple-fault.elf");
+    triple_fault_elf(&bad_kernel);
+    let mut sigterm = VmSpec::new(
+        "sigterm",
+        guest_args(&f.microvm, "console=ttyS0 skiff.action=sleep"),
+    );
+    sigterm.sigterm_after = Some("skiff-guest: init ready".into());
+    let specs = vec![
+        VmSpec::new(
+            "reboot-microvm",
+            guest_args(&f.microvm, "console=ttyS0 skiff.action=reboot"),
+        ),
+        VmSpec::new(
+            "reboot-kbd-debian",
+            guest_args(&f.debian, "console=ttyS0 reboot=k skiff.action=reboot"),
+        ),
+        VmSpec::new(
+            "panic-microvm",
+            guest_args(&f.microvm, "console=ttyS0 panic=-1 skiff.action=panic"),
+        ),
+        VmSpec::new(
+            "panic-debian",
+            guest_args(&f.debian, "console=ttyS0 panic=-1 skiff.action=panic"),
+        ),
+        VmSpec::new(
+            "triple-fault",
+            vec!["--kernel".into(), bad_kernel.display().to_string()],
+        ),
+        sigterm,
+    ];
+    let o = run_batch("exits", 2048, &specs);
+
+    for reboot in &o[..2] {
+        assert_eq!(reboot.status, Some(3), "reboot:\n{}", reboot.describe());
+        assert!(
+            reboot.serial.contains("skiff-guest: init ready"),
+            "{}",
+            reboot.describe()
+        );
+        assert!(
+            reboot.log.contains("guest requested a reset"),
+            "{}",
+            reboot.describe()
+        );
+    }
+    for panic in &o[2..4] {
+        assert_eq!(panic.status, Some(4), "panic:\n{}", panic.describe());
+        assert!(
+            panic.serial.contains("Kernel panic"),
+            "{}",
+            panic.describe()
+        );
+        assert!(
+            panic.log.contains("guest kernel panicked"),
+            "{}",
+            panic.describe()
+        );
+    }
+    let tf = &o[4];
+    assert_eq!(tf.status, Some(5), "triple fault:\n{}", tf.describe());
+    assert!(tf.log.contains("triple fault"), "{}", tf.describe());
+    assert!(
+        tf.log.contains("rip=0x"),
+        "registers in the log:\n{}",
+        tf.describe()
+    );
+    let st = &o[5];
+    assert_eq!(st.status, Some(0), "SIGTERM:\n{}", st.describe());
+    assert!(st.log.contains("stopped by SIGTERM"), "{}", st.describe());
+}

@@ -1,0 +1,148 @@
+//! Guest-physical memory layout (x86_64) and the guest memory object.
+//!
+//! ```text
+//! 0x0000_0000  RAM (real-mode area; boot GDT/IDT, zero page, page tables, cmdline)
+//! 0x0009_fc00  reserved: EBDA and the ACPI tables (RSDP at 0xe_0000)
+//! 0x0010_0000  RAM: kernel at 1 MiB ... initrd at the top of low RAM
+//! 0xc000_0000  MMIO gap (1 GiB): virtio-mmio windows, IOAPIC, LAPIC, TSS
+//! 0x1_0000_0000 RAM continues above 4 GiB when the guest has more than 3 GiB
+//! ```
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Boot GDT.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Boot IDT (one null entry).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// Linux zero page (`boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Boot identity page tables: PML4, PDPT, PD.
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table of the boot identity map.
+pub const PDPTE_START: u64 = 0xa000;
+/// Page directory of the boot identity map.
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Most bytes of command line we ever place (the kernel may accept fewer).
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+/// Start of the reserved area below 1 MiB (EBDA).
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI RSDP; the other ACPI tables follow it.
+pub const RSDP_START: u64 = 0xe0000;
+/// End of the area where the ACPI tables may go.
+pub const ACPI_END: u64 = 0x10_0000;
+/// Where the kernel is loaded (1 MiB).
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO gap.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO gap (4 GiB).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio window.
+pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
+/// IOAPIC registers.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// LAPIC registers.
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// KVM's identity-map page (for real-mode emulation), inside the gap.
+pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
+/// KVM's TSS (3 pages), inside the gap.
+pub const KVM_TSS_START: u64 = 0xfffb_d000;
+
+/// Smallest guest we boot: below this a stock kernel cannot unpack itself
+/// and an initrd.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Largest guest memory accepted (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Errors building guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Size out of range.
+    #[error(
+        "guest memory of {0} MiB is out of range ({MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB)"
+    )]
+    Size(u64),
+    /// The host refused the allocation.
+    #[error("cannot allocate {size_mib} MiB of guest memory: {source}")]
+    Allocate {
+        /// Requested size.
+        size_mib: u64,
+        /// Why.
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The RAM ranges (start, length) for a guest of `size` bytes: one below the
+/// MMIO gap and, for guests larger than the gap start, one above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
+        ]
+    }
+}
+
+/// End (exclusive) of the RAM below the MMIO gap.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_GAP_START)
+}
+
+/// Allocates guest memory of `size_mib` MiB (anonymous, lazily backed).
+pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&size_mib) {
+        return Err(MemoryError::Size(size_mib));
+    }
+    GuestMemoryMmap::from_ranges(&ram_ranges(size_mib << 20))
+        .map_err(|source| MemoryError::Allocate { size_mib, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn small_guest_has_one_region() {
+        let r = ram_ranges(256 << 20);
+        assert_eq!(r, vec![(GuestAddress(0), 256 << 20)]);
+        assert_eq!(low_ram_end(256 << 20), 256 << 20);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_gap() {
+        let size = 6u64 << 30;
+        let r = ram_ranges(size);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(r[1].0, GuestAddress(1 << 32));
+        assert_eq!(r[0].1 + r[1].1, size as usize);
+        assert_eq!(low_ram_end(size), MMIO_GAP_START);
+    }
+
+    #[test]
+    fn gap_holds_the_platform_devices() {
+        for addr in [
+            IOAPIC_START,
+            LAPIC_START,
+            KVM_TSS_START,
+            KVM_IDENTITY_MAP_START,
+        ] {
+            assert!((MMIO_GAP_START..MMIO_GAP_END).contains(&addr));
+        }
+        const { assert!(KVM_IDENTITY_MAP_START + 0x1000 <= KVM_TSS_START) };
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(create_guest_memory(1), Err(MemoryError::Size(1))));
+        let mem = create_guest_memory(64).unwrap();
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        assert_eq!(total, 64 << 20);
+    }
+}

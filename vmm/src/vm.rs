@@ -1,0 +1,583 @@
+//! Builds a VM from a [`VmConfig`] and runs it until the guest powers off,
+//! resets, panics or crashes, or the VMM is asked to stop.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use log::{debug, error, info, warn};
+use skiff_devices::legacy::{
+    AcpiPmPort, PvPanic, Serial, SerialOutput, ACPI_PM_PORT_LEN, I8042, PVPANIC_PORT_LEN,
+    SERIAL_PORT_LEN,
+};
+use skiff_devices::{EventFdTrigger, GuestPowerEvent, PowerEventSink};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::acpi::{self, ACPI_PM_PORT, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT};
+use crate::boot::{self, BootError};
+use crate::bus::Bus;
+use crate::config::{SerialConfig, VmConfig};
+use crate::cpu::{self, CpuError};
+use crate::event_loop::{self, SerialInput};
+use crate::memory::{self, MemoryError, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+
+/// Most vCPUs a VM may have (APIC ids fit in the MADT's byte fields).
+pub const MAX_CPUS: u8 = 254;
+const I8042_PORT: u64 = 0x60;
+const I8042_PORT_LEN: u64 = 5;
+
+/// Errors that stop a VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The KVM device cannot be opened.
+    #[error("cannot open {path}: {source} (is KVM enabled, kvm_intel or kvm_amd loaded, and the device accessible to this user?)")]
+    KvmOpen {
+        /// The device.
+        path: std::path::PathBuf,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM is too old, not KVM at all, or lacks a capability.
+    #[error("{path} is unusable: {detail}")]
+    KvmUnusable {
+        /// The device.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// A KVM ioctl failed while building the VM.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Bad vCPU count.
+    #[error("--cpus must be between 1 and {MAX_CPUS}, got {0}")]
+    Cpus(u8),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// The serial output file.
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Platform wiring (buses, eventfds, threads).
+    #[error("cannot set up {what}: {detail}")]
+    Setup {
+        /// What.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
+
+fn setup_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
+    move |e| VmError::Setup {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reset (reboot).
+    Reset,
+    /// The guest kernel reported a panic.
+    Panic,
+    /// A vCPU hit something it cannot go on from.
+    Crash(String),
+    /// The VMM received a termination signal.
+    Signal(i32),
+}
+
+impl ExitReason {
+    /// The process exit status for this reason (documented in `--help`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff | ExitReason::Signal(_) => 0,
+            ExitReason::Reset => 3,
+            ExitReason::Panic => 4,
+            ExitReason::Crash(_) => 5,
+        }
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    config: VmConfig,
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    serial_input: Option<Arc<Mutex<SerialInput>>>,
+    stopping: Arc<AtomicBool>,
+    events_tx: Sender<ExitReason>,
+    events_rx: std::sync::mpsc::Receiver<ExitReason>,
+    // Kept alive for the VM's lifetime: KVM maps this memory.
+    _mem: GuestMemoryMmap,
+    _vm: VmFd,
+}
+
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::KvmUnusable {
+            path: path.to_owned(),
+            detail: "the path contains a NUL byte".into(),
+        }
+    })?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|source| VmError::KvmOpen {
+        path: path.to_owned(),
+        source,
+    })?;
+    let unusable = |detail: String| VmError::KvmUnusable {
+        path: path.to_owned(),
+        detail,
+    };
+    let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(unusable(format!(
+            "it does not answer KVM_GET_API_VERSION ({}): not a KVM device",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if version != KVM_API_VERSION as i32 {
+        return Err(unusable(format!(
+            "KVM API version {version}, expected {KVM_API_VERSION}"
+        )));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(unusable(format!("{name} is not supported")));
+        }
+    }
+    Ok(kvm)
+}
+
+fn serial_output(config: &SerialConfig) -> Result<SerialOutput, VmError> {
+    Ok(match config {
+        SerialConfig::None => SerialOutput::Sink,
+        SerialConfig::Stdio => SerialOutput::Writer(Box::new(std::io::stdout())),
+        SerialConfig::File(path) => {
+            let f = File::create(path).map_err(|source| VmError::SerialFile {
+                path: path.clone(),
+                source,
+            })?;
+            SerialOutput::Writer(Box::new(f))
+        }
+    })
+}
+
+impl Vm {
+    /// Builds the VM: KVM objects, memory, platform devices, the loaded
+    /// kernel and configured vCPUs. Nothing runs yet.
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        if config.cpus == 0 || config.cpus > MAX_CPUS {
+            return Err(VmError::Cpus(config.cpus));
+        }
+        let mem_size = config.memory_mib << 20;
+        for (what, path) in [
+            ("kernel image", Some(&config.kernel)),
+            ("initrd", config.initrd.as_ref()),
+        ] {
+            if let Some(path) = path {
+                File::open(path).map_err(|source| BootError::Read {
+                    what,
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        let mem = memory::create_guest_memory(config.memory_mib)?;
+
+        // Guest images go in before KVM is touched: bad input is reported
+        // the same way on any machine.
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&mem, path, &kernel, mem_size)?),
+            None => None,
+        };
+        let cmdline_size = boot::write_cmdline(&mem, &config.cmdline, &kernel)?;
+        boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, mem_size)?;
+        acpi::write_tables(&mem, config.cpus, &[])?;
+        cpu::write_boot_tables(&mem)?;
+        debug!(
+            "kernel entry {:#x}, initrd {:?}, {} MiB, {} vCPUs",
+            kernel.entry.0, initrd, config.memory_mib, config.cpus
+        );
+
+        let kvm = open_kvm(&config.kvm_device)?;
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.set_tss_address(KVM_TSS_START as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Setup {
+                    what: "guest memory",
+                    detail: e.to_string(),
+                })?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the
+            // Vm keeps alive as long as the VmFd; regions never overlap.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        // Platform devices.
+        let (events_tx, events_rx) = channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let sink: PowerEventSink = {
+            let tx = events_tx.clone();
+            let stopping = stopping.clone();
+            Arc::new(move |event| {
+                let reason = match event {
+                    GuestPowerEvent::PowerOff => ExitReason::PowerOff,
+                    GuestPowerEvent::Reset => ExitReason::Reset,
+                    GuestPowerEvent::Panic => ExitReason::Panic,
+                };
+                stopping.store(true, Ordering::SeqCst);
+                let _ = tx.send(reason);
+            })
+        };
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup_err("the serial IRQ"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            EventFdTrigger::new(serial_irq),
+            serial_output(&config.serial)?,
+        )));
+        let mut pio = Bus::new();
+        let bus_err = |e: crate::bus::BusError| VmError::Setup {
+            what: "the I/O port bus",
+            detail: e.to_string(),
+        };
+        pio.insert(u64::from(SERIAL_PORT), SERIAL_PORT_LEN, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(
+            I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(sink.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(ACPI_PM_PORT),
+            ACPI_PM_PORT_LEN,
+            Arc::new(Mutex::new(AcpiPmPort::new(sink.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(PVPANIC_PORT),
+            PVPANIC_PORT_LEN,
+            Arc::new(Mutex::new(PvPanic::new(sink))),
+        )
+        .map_err(bus_err)?;
+
+        let serial_input = if config.serial == SerialConfig::Stdio {
+            let stdin = std::io::stdin()
+                .as_fd_dup()
+                .map_err(setup_err("serial input"))?;
+            Some(Arc::new(Mutex::new(
+                SerialInput::new(serial.clone(), stdin).map_err(setup_err("serial input"))?,
+            )))
+        } else {
+            None
+        };
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = vm.check_extension(Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::with_capacity(config.cpus.into());
+        for index in 0..config.cpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            cpu::configure_vcpu(
+                &vcpu,
+                index,
+                config.cpus,
+                &supported,
+                tsc_deadline,
+                kernel.entry,
+            )?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            config,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            serial,
+            serial_input,
+            stopping,
+            events_tx,
+            events_rx,
+            _mem: mem,
+            _vm: vm,
+        })
+    }
+
+    /// Runs the VM until it stops; returns why. The vCPU threads are left
+    /// parked or running: the caller is expected to exit the process.
+    pub fn run(mut self) -> Result<ExitReason, VmError> {
+        let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> =
+            Vec::new();
+        if let Some(input) = self.serial_input.take() {
+            subscribers.push(input);
+        }
+        event_loop::spawn(subscribers).map_err(setup_err("the device thread"))?;
+
+        let signals_tx = self.events_tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .map_err(setup_err("signal handling"))?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let _ = signals_tx.send(ExitReason::Signal(sig));
+                }
+            })
+            .map_err(setup_err("the signal thread"))?;
+
+        info!(
+            "booting {} with {} vCPU(s), {} MiB",
+            self.config.kernel.display(),
+            self.config.cpus,
+            self.config.memory_mib
+        );
+        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let ctx = VcpuContext {
+                index,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                stopping: self.stopping.clone(),
+                events: self.events_tx.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || ctx.run(vcpu))
+                .map_err(setup_err("a vCPU thread"))?;
+        }
+        let reason = self.events_rx.recv().map_err(|_| VmError::Setup {
+            what: "the VM event channel",
+            detail: "all senders are gone".into(),
+        })?;
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = crate::bus::lock(&self.serial).flush();
+        let _ = std::io::stdout().flush();
+        Ok(reason)
+    }
+}
+
+/// `Stdin::as_fd_dup`: a `File` on a duplicate of fd 0.
+trait StdinDup {
+    fn as_fd_dup(&self) -> std::io::Result<File>;
+}
+
+impl StdinDup for std::io::Stdin {
+    fn as_fd_dup(&self) -> std::io::Result<File> {
+        use std::os::fd::AsFd;
+        Ok(File::from(self.as_fd().try_clone_to_owned()?))
+    }
+}
+
+struct VcpuContext {
+    index: usize,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stopping: Arc<AtomicBool>,
+    events: Sender<ExitReason>,
+}
+
+/// What a vCPU exit asks of the run loop.
+enum Next {
+    Continue,
+    Stop(ExitReason),
+    Crash(String),
+}
+
+impl VcpuContext {
+    fn run(self, mut vcpu: VcpuFd) {
+        loop {
+            let next = match vcpu.run() {
+                Ok(exit) => self.handle_exit(exit),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+                Err(e) => Next::Crash(format!("KVM_RUN failed: {e}")),
+            };
+            let next = match next {
+                Next::Crash(what) if what == "internal error" => {
+                    Next::Crash(describe_internal_error(&mut vcpu))
+                }
+                n => n,
+            };
+            match next {
+                Next::Continue => {}
+                Next::Stop(reason) => {
+                    self.stopping.store(true, Ordering::SeqCst);
+                    let _ = self.events.send(reason);
+                    break;
+                }
+                Next::Crash(what) => {
+                    let msg = format!(
+                        "vCPU {}: {what}; {}",
+                        self.index,
+                        cpu::describe_registers(&vcpu)
+                    );
+                    self.stopping.store(true, Ordering::SeqCst);
+                    let _ = self.events.send(ExitReason::Crash(msg));
+                    break;
+                }
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        // The process exits once the main thread has seen the event; keep
+        // this vCPU out of the guest until then.
+        loop {
+            std::thread::park();
+        }
+    }
+
+    fn handle_exit(&self, exit: VcpuExit<'_>) -> Next {
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                if !self.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                Next::Continue
+            }
+            VcpuExit::IoOut(port, data) => {
+                // Port 0x80 is the POST/delay port: writes are expected.
+                if !self.pio.write(u64::from(port), data) && port != 0x80 {
+                    debug!("vCPU {}: write to unhandled port {port:#x}", self.index);
+                }
+                Next::Continue
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !self.mmio.read(addr, data) {
+                    debug!("vCPU {}: read from unhandled MMIO {addr:#x}", self.index);
+                    data.fill(0xff);
+                }
+                Next::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                if !self.mmio.write(addr, data) {
+                    debug!("vCPU {}: write to unhandled MMIO {addr:#x}", self.index);
+                }
+                Next::Continue
+            }
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(ExitReason::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Next::Stop(ExitReason::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Next::Stop(ExitReason::Panic),
+                other => Next::Crash(format!("unknown KVM system event {other}")),
+            },
+            VcpuExit::Shutdown => Next::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            VcpuExit::InternalError => Next::Crash("internal error".into()),
+            VcpuExit::FailEntry(reason, cpu) => Next::Crash(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+            )),
+            VcpuExit::Hlt => Next::Crash("halted with the in-kernel LAPIC off (KVM_EXIT_HLT)".into()),
+            VcpuExit::Intr => Next::Continue,
+            other => Next::Crash(format!("unhandled vCPU exit {other:?}")),
+        }
+    }
+}
+
+fn describe_internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM
+    // fills the `internal` member of the union; it is plain old data.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    let what = match internal.suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "delivery event failure",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    };
+    format!(
+        "KVM internal error {} ({what}), data [{}]",
+        internal.suberror,
+        data.join(", ")
+    )
+}
+
+/// Logs `reason` the way operators expect to read it.
+pub fn log_exit(name: &str, reason: &ExitReason) {
+    match reason {
+        ExitReason::PowerOff => info!("guest powered off"),
+        ExitReason::Reset => info!("guest requested a reset (reboot); exiting with status 3"),
+        ExitReason::Panic => error!("guest kernel panicked (pvpanic); exiting with status 4"),
+        ExitReason::Crash(msg) => error!("guest crashed: {msg}"),
+        ExitReason::Signal(sig) => {
+            let name_of = match *sig {
+                signal_hook::consts::SIGTERM => "SIGTERM",
+                signal_hook::consts::SIGINT => "SIGINT",
+                _ => "a signal",
+            };
+            warn!("{name}: stopped by {name_of}")
+        }
+    }
+}

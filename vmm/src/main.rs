@@ -94,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     let vm = Vm::new(config).context("cannot start the VM")?;
     let reason = vm.run().context("VM failed")?;
-    log_exit(&cli.name, &reason);
+    log_exit(&reason);
     Ok(reason.exit_code())
 }
 

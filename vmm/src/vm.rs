@@ -565,7 +565,7 @@ fn describe_internal_error(vcpu: &mut VcpuFd) -> String {
 }
 
 /// Logs `reason` the way operators expect to read it.
-pub fn log_exit(name: &str, reason: &ExitReason) {
+pub fn log_exit(reason: &ExitReason) {
     match reason {
         ExitReason::PowerOff => info!("guest powered off"),
         ExitReason::Reset => info!("guest requested a reset (reboot); exiting with status 3"),
@@ -577,7 +577,7 @@ pub fn log_exit(name: &str, reason: &ExitReason) {
                 signal_hook::consts::SIGINT => "SIGINT",
                 _ => "a signal",
             };
-            warn!("{name}: stopped by {name_of}")
+            warn!("stopped by {name_of}")
         }
     }
 }

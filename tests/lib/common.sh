@@ -84,6 +84,9 @@ make_busybox_initrd() {
     for applet in $("$root/bin/busybox" --list); do
         [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
     done
+    # The kernel runs /sbin/modprobe itself (request_module), e.g. for the
+    # crypto algorithms a module asks for.
+    ln -sf ../bin/busybox "$root/sbin/modprobe"
     install -m 0755 "$init" "$root/init"
     if [ -n "$kdir" ] && [ $# -gt 0 ]; then
         release="$(cat "$kdir/release")"

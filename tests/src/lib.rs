@@ -6,6 +6,8 @@
 //! overrides the choice. To keep emulated boots few, a test hands over a
 //! batch of VM runs that go through one test host boot.
 
+pub mod backdoor;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -138,6 +140,8 @@ pub struct VmSpec {
     pub timeout_s: u64,
     /// When set, send SIGTERM once the serial output contains this text.
     pub sigterm_after: Option<String>,
+    /// Program to run instead of skiff-vmm (it gets `args`).
+    pub program: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -148,6 +152,42 @@ impl VmSpec {
             args,
             timeout_s: 300,
             sigterm_after: None,
+            program: None,
+        }
+    }
+
+    /// A run of `skiff-guest-session` (the binary at `session`): skiff-vmm
+    /// with `vmm_args` plus a virtio console on a socket, the backdoor
+    /// checks `checks` run through it with `shell`.
+    pub fn session(
+        name: &str,
+        session: &Path,
+        shell: &str,
+        checks: &[&str],
+        vmm_args: Vec<String>,
+    ) -> Self {
+        let socket = format!("/tmp/skiff-{}-{name}.sock", std::process::id());
+        let mut args = vec![
+            "--socket".to_owned(),
+            socket.clone(),
+            "--shell".to_owned(),
+            shell.to_owned(),
+        ];
+        for c in checks {
+            args.push("--check".into());
+            args.push((*c).to_owned());
+        }
+        args.push("--".into());
+        args.push(skiff_vmm().display().to_string());
+        args.extend(vmm_args);
+        args.push("--console".into());
+        args.push(format!("socket={socket}"));
+        VmSpec {
+            name: name.to_owned(),
+            args,
+            timeout_s: 900,
+            sigterm_after: None,
+            program: Some(session.to_owned()),
         }
     }
 }
@@ -175,6 +215,22 @@ impl VmOutcome {
             self.log.trim_end(),
             tail(&self.serial, 60)
         )
+    }
+
+    /// The `CHECK <name> ...` line skiff-guest-session logged, if any.
+    pub fn check_line(&self, name: &str) -> Option<&str> {
+        let prefix = format!("skiff-guest-session: CHECK {name} ");
+        self.log
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+    }
+
+    /// Asserts that check `name` passed.
+    pub fn assert_check(&self, name: &str) -> &str {
+        match self.check_line(name) {
+            Some(l) if l.starts_with("ok") => l,
+            _ => panic!("check {name} did not pass:\n{}", self.describe()),
+        }
     }
 
     /// The `key=value` facts the test init prints on its
@@ -225,7 +281,7 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
         let run = format!(
             "timeout -k 10 {} {} {}",
             spec.timeout_s,
-            shell_quote(&vmm.display().to_string()),
+            shell_quote(&spec.program.as_ref().unwrap_or(&vmm).display().to_string()),
             args.join(" ")
         );
         let _ = writeln!(script, "echo \"skiff-tests: run {i} ({})\" >&2", spec.name);
@@ -270,8 +326,13 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
         Mode::TestHost => Command::new(workspace_root().join("tests/host/run"))
             .args(["--cpus", "2", "--memory", &host_memory_mib.to_string()])
             .args(["--timeout", &total_timeout.to_string()])
+            // The workspace (binaries, scratch) and the fixture cache must
+            // be visible even where they live under /tmp, which the test
+            // host covers with a fresh tmpfs.
             .arg("--share")
-            .arg(&dir)
+            .arg(workspace_root())
+            .arg("--share")
+            .arg(cache_dir())
             .arg("--")
             .arg("sh")
             .arg(&script_path)

@@ -81,6 +81,19 @@ fn microvm_kernel_boots_with_matching_cpus_and_memory() {
     boot_matrix("boot-microvm", &fixtures().microvm);
 }
 
+/// The largest shape the VMM promises: 8 vCPUs and 8 GiB (5 GiB of it
+/// above the MMIO gap).
+#[test]
+fn microvm_kernel_boots_with_8_cpus_and_8_gib() {
+    let (cpus, mib) = (8, 8192);
+    let outcomes = run_batch(
+        "boot-microvm-large",
+        10240,
+        &[boot_spec(&fixtures().microvm, cpus, mib, "")],
+    );
+    assert_booted(&outcomes[0], cpus, mib);
+}
+
 #[test]
 fn debian_kernel_boots_with_matching_cpus_and_memory() {
     boot_matrix("boot-debian", &fixtures().debian);

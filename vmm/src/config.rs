@@ -50,6 +50,103 @@ impl fmt::Display for SerialConfig {
     }
 }
 
+/// Where the virtio console (the guest's hvc0) is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleConfig {
+    /// The VMM's stdin/stdout.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// A unix stream socket the VMM connects to (the test driver listens).
+    Socket(PathBuf),
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "stdio" {
+            return Ok(ConsoleConfig::Stdio);
+        }
+        let (kind, path) = s.split_once('=').ok_or_else(|| {
+            format!("'{s}' is not a console backend: use socket=PATH, stdio or file=PATH")
+        })?;
+        if path.is_empty() {
+            return Err(format!("{kind}= needs a path"));
+        }
+        match kind {
+            "socket" => Ok(ConsoleConfig::Socket(PathBuf::from(path))),
+            "file" => Ok(ConsoleConfig::File(PathBuf::from(path))),
+            _ => Err(format!(
+                "'{s}' is not a console backend: use socket=PATH, stdio or file=PATH"
+            )),
+        }
+    }
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Open read-only; guest writes fail.
+    pub readonly: bool,
+    /// Writes go to a temporary copy-on-write layer; the image is unchanged.
+    pub overlay: bool,
+    /// Serial number the guest reads (GET_ID).
+    pub id: Option<String>,
+}
+
+fn parse_switch(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={value}: expected on or off")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut path = None;
+        let mut readonly = false;
+        let mut overlay = false;
+        let mut id = None;
+        for item in s.split(',') {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                format!("'{item}' in --disk is not key=value (expected path=PATH[,readonly=on][,overlay=on][,id=NAME])")
+            })?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "path" => return Err("path= needs a file".into()),
+                "readonly" => readonly = parse_switch(key, value)?,
+                "overlay" => overlay = parse_switch(key, value)?,
+                "id" if value.len() <= 20 => id = Some(value.to_owned()),
+                "id" => return Err(format!("id={value}: at most 20 bytes")),
+                _ => {
+                    return Err(format!(
+                        "unknown --disk option '{key}' (expected path, readonly, overlay, id)"
+                    ))
+                }
+            }
+        }
+        let path = path.ok_or("--disk needs path=PATH")?;
+        if readonly && overlay {
+            return Err(
+                "readonly=on and overlay=on exclude each other (an overlay is writable)".into(),
+            );
+        }
+        Ok(DiskConfig {
+            path,
+            readonly,
+            overlay,
+            id,
+        })
+    }
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -69,6 +166,15 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// virtio-blk disks, in order (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// The virtio console (hvc0), if any.
+    pub console: Option<ConsoleConfig>,
+    /// Whether to add a virtio-rng device.
+    pub rng: bool,
+    /// Describe virtio devices with `virtio_mmio.device=` on the kernel
+    /// command line instead of in the ACPI DSDT.
+    pub virtio_cmdline: bool,
 }
 
 #[cfg(test)]
@@ -87,5 +193,36 @@ mod tests {
         let err = "tcp:1234".parse::<SerialConfig>().unwrap_err();
         assert!(err.contains("tcp:1234"), "{err}");
         assert_eq!(SerialConfig::File("/a".into()).to_string(), "file=/a");
+    }
+
+    #[test]
+    fn disks_parse() {
+        let d: DiskConfig = "path=/img,readonly=on,id=root".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/img"));
+        assert!(d.readonly && !d.overlay);
+        assert_eq!(d.id.as_deref(), Some("root"));
+        let d: DiskConfig = "path=/img,overlay=on".parse().unwrap();
+        assert!(d.overlay);
+        for bad in [
+            "/img",
+            "readonly=on",
+            "path=/a,size=3",
+            "path=/a,readonly=maybe",
+            "path=/a,readonly=on,overlay=on",
+            "path=",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consoles_parse() {
+        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+        assert_eq!(
+            "socket=/run/s".parse(),
+            Ok(ConsoleConfig::Socket(PathBuf::from("/run/s")))
+        );
+        assert!("tcp=1".parse::<ConsoleConfig>().is_err());
+        assert!("socket=".parse::<ConsoleConfig>().is_err());
     }
 }

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod cpu;
+pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
 pub mod vm;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use skiff_vmm::config::DEFAULT_CMDLINE;
+use skiff_vmm::config::{ConsoleConfig, DiskConfig};
 use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use skiff_vmm::vm::{log_exit, MAX_CPUS};
 use skiff_vmm::{SerialConfig, Vm, VmConfig};
@@ -56,6 +57,27 @@ struct Cli {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: SerialConfig,
 
+    /// A virtio-blk disk: path=PATH[,readonly=on][,overlay=on][,id=NAME].
+    /// Repeat for more disks; they appear as vda, vdb, ... in order.
+    /// overlay=on keeps the guest's writes in a temporary copy-on-write
+    /// layer (gone when the VM exits), so many VMs can share one image.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<DiskConfig>,
+
+    /// The virtio console (guest /dev/hvc0): socket=PATH (connect to a unix
+    /// socket someone listens on), stdio or file=PATH.
+    #[arg(long, value_name = "BACKEND")]
+    console: Option<ConsoleConfig>,
+
+    /// Add a virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+
+    /// Describe virtio devices on the kernel command line
+    /// (virtio_mmio.device=) instead of in the ACPI DSDT.
+    #[arg(long)]
+    virtio_mmio_cmdline: bool,
+
     /// KVM device node to use.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -91,6 +113,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         memory_mib: cli.memory,
         serial: cli.serial,
         kvm_device: cli.kvm_device,
+        disks: cli.disk,
+        console: cli.console,
+        rng: cli.rng,
+        virtio_cmdline: cli.virtio_mmio_cmdline,
     };
     let vm = Vm::new(config).context("cannot start the VM")?;
     let reason = vm.run().context("VM failed")?;

@@ -18,6 +18,9 @@ use skiff_devices::legacy::{
     AcpiPmPort, PvPanic, Serial, SerialOutput, ACPI_PM_PORT_LEN, I8042, PVPANIC_PORT_LEN,
     SERIAL_PORT_LEN,
 };
+use skiff_devices::virtio::block::{Block, BlockConfig};
+use skiff_devices::virtio::console::{Console, ConsoleBackend};
+use skiff_devices::virtio::rng::Rng;
 use skiff_devices::{EventFdTrigger, GuestPowerEvent, PowerEventSink};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -25,8 +28,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::acpi::{self, ACPI_PM_PORT, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::boot::{self, BootError};
 use crate::bus::Bus;
+use crate::config::ConsoleConfig;
 use crate::config::{SerialConfig, VmConfig};
 use crate::cpu::{self, CpuError};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{self, SerialInput};
 use crate::memory::{self, MemoryError, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 
@@ -85,6 +90,12 @@ pub enum VmError {
         /// Why.
         source: std::io::Error,
     },
+    /// A virtio device's backend (disk image, console socket ...).
+    #[error("{0}")]
+    Device(String),
+    /// Wiring a virtio device into the VM.
+    #[error(transparent)]
+    DeviceWiring(#[from] DeviceError),
     /// Platform wiring (buses, eventfds, threads).
     #[error("cannot set up {what}: {detail}")]
     Setup {
@@ -100,6 +111,57 @@ fn setup_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
         what,
         detail: e.to_string(),
     }
+}
+
+enum VirtioDev {
+    Block(Arc<Mutex<Block>>),
+    Console(Arc<Mutex<Console>>),
+    Rng(Arc<Mutex<Rng>>),
+}
+
+/// Opens every virtio device's backend, in guest order: disks (vda, vdb,
+/// ...), then the console, then the rng. Done before KVM is touched so that
+/// a missing image is reported as such on any machine.
+fn create_virtio_devices(config: &VmConfig) -> Result<Vec<(String, VirtioDev)>, VmError> {
+    let irq = || EventFd::new(EFD_NONBLOCK).map_err(setup_err("a device interrupt"));
+    let mut out = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let name = format!("vd{}", (b'a' + (i % 26) as u8) as char);
+        let block = Block::new(
+            &BlockConfig {
+                path: disk.path.clone(),
+                readonly: disk.readonly,
+                overlay: disk.overlay,
+                id: disk.id.clone(),
+            },
+            irq()?,
+        )
+        .map_err(|e| VmError::Device(format!("disk {name}: {e}")))?;
+        out.push((name, VirtioDev::Block(Arc::new(Mutex::new(block)))));
+    }
+    if let Some(console) = &config.console {
+        if *console == ConsoleConfig::Stdio && config.serial == SerialConfig::Stdio {
+            return Err(VmError::Device(
+                "--console stdio and --serial stdio would both read stdin: give one of them file=PATH or none".into(),
+            ));
+        }
+        let backend = match console {
+            ConsoleConfig::Stdio => ConsoleBackend::Stdio,
+            ConsoleConfig::File(p) => ConsoleBackend::File(p.clone()),
+            ConsoleConfig::Socket(p) => ConsoleBackend::Socket(p.clone()),
+        };
+        let dev =
+            Console::new(&backend, irq()?).map_err(|e| VmError::Device(format!("console: {e}")))?;
+        out.push((
+            "hvc0".to_owned(),
+            VirtioDev::Console(Arc::new(Mutex::new(dev))),
+        ));
+    }
+    if config.rng {
+        let dev = Rng::new(irq()?).map_err(|e| VmError::Device(format!("rng: {e}")))?;
+        out.push(("rng".to_owned(), VirtioDev::Rng(Arc::new(Mutex::new(dev)))));
+    }
+    Ok(out)
 }
 
 /// Why a VM stopped.
@@ -137,6 +199,7 @@ pub struct Vm {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     serial_input: Option<Arc<Mutex<SerialInput>>>,
+    device_subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
     stopping: Arc<AtomicBool>,
     events_tx: Sender<ExitReason>,
     events_rx: std::sync::mpsc::Receiver<ExitReason>,
@@ -230,10 +293,10 @@ impl Vm {
             Some(path) => Some(boot::load_initrd(&mem, path, &kernel, mem_size)?),
             None => None,
         };
-        let cmdline_size = boot::write_cmdline(&mem, &config.cmdline, &kernel)?;
-        boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, mem_size)?;
-        acpi::write_tables(&mem, config.cpus, &[])?;
+        // Checked now, written again once the devices are known.
+        boot::write_cmdline(&mem, &config.cmdline, &kernel)?;
         cpu::write_boot_tables(&mem)?;
+        let virtio_devices = create_virtio_devices(&config)?;
         debug!(
             "kernel entry {:#x}, initrd {:?}, {} MiB, {} vCPUs",
             kernel.entry.0, initrd, config.memory_mib, config.cpus
@@ -333,6 +396,30 @@ impl Vm {
             None
         };
 
+        // virtio devices on the MMIO bus.
+        let mut mmio = Bus::new();
+        let mut devices = DeviceManager::new();
+        for (name, dev) in virtio_devices {
+            match dev {
+                VirtioDev::Block(d) => devices.add_virtio(&vm, &mem, &mut mmio, d, &name),
+                VirtioDev::Console(d) => devices.add_virtio(&vm, &mem, &mut mmio, d, &name),
+                VirtioDev::Rng(d) => devices.add_virtio(&vm, &mem, &mut mmio, d, &name),
+            }?;
+        }
+        let mut cmdline = config.cmdline.clone();
+        let dsdt_devices = if config.virtio_cmdline {
+            for entry in devices.cmdline_entries() {
+                cmdline.push(' ');
+                cmdline.push_str(entry);
+            }
+            Vec::new()
+        } else {
+            devices.dsdt().to_vec()
+        };
+        let cmdline_size = boot::write_cmdline(&mem, &cmdline, &kernel)?;
+        boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, mem_size)?;
+        acpi::write_tables(&mem, config.cpus, &dsdt_devices)?;
+
         // vCPUs.
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -358,7 +445,8 @@ impl Vm {
             config,
             vcpus,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
+            device_subscribers: devices.take_subscribers(),
             serial,
             serial_input,
             stopping,
@@ -377,6 +465,7 @@ impl Vm {
         if let Some(input) = self.serial_input.take() {
             subscribers.push(input);
         }
+        subscribers.append(&mut self.device_subscribers);
         event_loop::spawn(subscribers).map_err(setup_err("the device thread"))?;
 
         let signals_tx = self.events_tx.clone();
@@ -449,6 +538,9 @@ enum Next {
     Continue,
     Stop(ExitReason),
     Crash(String),
+    /// KVM_EXIT_INTERNAL_ERROR: the details are read from `kvm_run` once
+    /// the exit's borrow of the vCPU has ended.
+    InternalError,
 }
 
 impl VcpuContext {
@@ -460,13 +552,11 @@ impl VcpuContext {
                 Err(e) => Next::Crash(format!("KVM_RUN failed: {e}")),
             };
             let next = match next {
-                Next::Crash(what) if what == "internal error" => {
-                    Next::Crash(describe_internal_error(&mut vcpu))
-                }
+                Next::InternalError => Next::Crash(describe_internal_error(&mut vcpu)),
                 n => n,
             };
             match next {
-                Next::Continue => {}
+                Next::Continue | Next::InternalError => {}
                 Next::Stop(reason) => {
                     self.stopping.store(true, Ordering::SeqCst);
                     let _ = self.events.send(reason);
@@ -529,7 +619,7 @@ impl VcpuContext {
                 other => Next::Crash(format!("unknown KVM system event {other}")),
             },
             VcpuExit::Shutdown => Next::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-            VcpuExit::InternalError => Next::Crash("internal error".into()),
+            VcpuExit::InternalError => Next::InternalError,
             VcpuExit::FailEntry(reason, cpu) => Next::Crash(format!(
                 "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
             )),

@@ -1,0 +1,586 @@
+//! The virtio-mmio transport, version 2 ("modern"): one 4 KiB register
+//! window per device (virtio 1.2 spec, section 4.2.2).
+
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{
+    read_config_bytes, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+};
+use crate::BusDevice;
+
+/// Size of a device's register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of QueueNotify, where the VMM puts its ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0;
+const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+// Device status bits.
+const ACKNOWLEDGE: u32 = 1;
+const DRIVER: u32 = 2;
+const DRIVER_OK: u32 = 4;
+const FEATURES_OK: u32 = 8;
+const DEVICE_NEEDS_RESET: u32 = 64;
+const FAILED: u32 = 128;
+
+/// The transport state of one virtio-mmio device.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    interrupt: Arc<Interrupt>,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    device_type: u32,
+    device_features: u64,
+    device_features_sel: u32,
+    driver_features: u64,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+    name: String,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MmioTransport {
+    /// A transport for `device`; `name` is used in log lines.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        name: &str,
+    ) -> Result<Self, virtio_queue::Error> {
+        let (queues, device_type, device_features, interrupt) = {
+            let d = lock(&device);
+            let queues = d
+                .queue_max_sizes()
+                .iter()
+                .map(|&max| Queue::new(max))
+                .collect::<Result<Vec<_>, _>>()?;
+            (
+                queues,
+                d.device_type(),
+                d.features() | VIRTIO_F_VERSION_1,
+                d.interrupt().clone(),
+            )
+        };
+        Ok(MmioTransport {
+            device,
+            interrupt,
+            mem,
+            queues,
+            device_type,
+            device_features,
+            device_features_sel: 0,
+            driver_features: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The device behind this transport.
+    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
+        &self.device
+    }
+
+    /// The current device status register (for tests and logs).
+    pub fn status(&self) -> u32 {
+        let mut s = self.status;
+        if self.interrupt.needs_reset() {
+            s |= DEVICE_NEEDS_RESET;
+        }
+        s
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue fields may change only between FEATURES_OK and DRIVER_OK.
+    fn queue_writable(&self) -> bool {
+        self.status & FEATURES_OK != 0 && self.status & (DRIVER_OK | FAILED) == 0
+    }
+
+    fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if !self.queue_writable() {
+            warn!(
+                "{}: queue register written outside FEATURES_OK..DRIVER_OK, ignored",
+                self.name
+            );
+            return;
+        }
+        match self.selected_queue() {
+            Some(q) => f(q),
+            None => warn!(
+                "{}: write to absent queue {}, ignored",
+                self.name, self.queue_sel
+            ),
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            lock(&self.device).reset();
+        }
+        self.activated = false;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device_features_sel = 0;
+        self.driver_features = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt.reset();
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        if value & FAILED != 0 {
+            self.status |= FAILED;
+            return;
+        }
+        let old = self.status;
+        // Only add one bit at a time, in the order the spec gives.
+        let valid = matches!(
+            (old, value),
+            (0, ACKNOWLEDGE) | (ACKNOWLEDGE, 0b11) | (0b11, 0b1011) | (0b1011, 0b1111)
+        );
+        if !valid {
+            warn!(
+                "{}: invalid status transition {old:#x} -> {value:#x}, ignored",
+                self.name
+            );
+            return;
+        }
+        if value & FEATURES_OK != 0 && old & FEATURES_OK == 0 {
+            let unknown = self.driver_features & !self.device_features;
+            if unknown != 0 {
+                warn!(
+                    "{}: driver accepted features the device does not offer ({unknown:#x}); FEATURES_OK refused",
+                    self.name
+                );
+                return;
+            }
+            if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                warn!(
+                    "{}: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused",
+                    self.name
+                );
+                return;
+            }
+            let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+            }
+        }
+        if value & DRIVER_OK != 0 && old & DRIVER_OK == 0 {
+            self.status = value;
+            self.activate();
+            return;
+        }
+        self.status = value;
+    }
+
+    fn activate(&mut self) {
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready() && !q.is_valid(&self.mem) {
+                warn!(
+                    "{}: queue {i} has invalid addresses or size; device needs reset",
+                    self.name
+                );
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        }
+        let queues = match self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(
+                    "{}: queue state invalid ({e}); device needs reset",
+                    self.name
+                );
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        };
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            acked_features: self.driver_features,
+        };
+        let mut dev = lock(&self.device);
+        match dev.activate(ctx) {
+            Ok(()) => {
+                self.activated = true;
+                // The driver may have notified before DRIVER_OK.
+                for evt in dev.queue_events() {
+                    let _ = evt.write(1);
+                }
+                debug!("{}: activated", self.name);
+            }
+            Err(e) => {
+                warn!("{}: activation failed: {e}; device needs reset", self.name);
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            0x000 => MAGIC_VALUE,
+            0x004 => VERSION,
+            0x008 => self.device_type,
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            0x044 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => self.status(),
+            0x0fc => self.config_generation,
+            // Shared memory regions: none ("length ~0").
+            0x0b0 | 0x0b4 => u32::MAX,
+            _ => {
+                debug!("{}: read of unknown register {offset:#x}", self.name);
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => {
+                if self.status & DRIVER == 0 || self.status & FEATURES_OK != 0 {
+                    warn!(
+                        "{}: driver features written in status {:#x}, ignored",
+                        self.name, self.status
+                    );
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => self.update_queue(|q| q.set_size(v as u16)),
+            0x044 => self.update_queue(|q| q.set_ready(v == 1)),
+            0x050 => {
+                // Normally absorbed by an ioeventfd; forward it otherwise.
+                let dev = lock(&self.device);
+                match dev.queue_events().get(v as usize) {
+                    Some(evt) => {
+                        let _ = evt.write(1);
+                    }
+                    None => warn!("{}: notify for absent queue {v}", self.name),
+                }
+            }
+            0x064 => {
+                if self.status & DRIVER_OK != 0 {
+                    self.interrupt.ack(v);
+                }
+            }
+            0x070 => self.set_status(v),
+            0x080 => self.update_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x084 => self.update_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x090 => self.update_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x094 => self.update_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0x0a0 => self.update_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0x0a4 => self.update_queue(|q| q.set_used_ring_address(None, Some(v))),
+            0x0ac => {} // SHMSel: no regions
+            _ => debug!("{}: write of unknown register {offset:#x}", self.name),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            if self.status & FAILED != 0 {
+                data.fill(0);
+                return;
+            }
+            lock(&self.device).read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            debug!(
+                "{}: {}-byte read at {offset:#x} ignored",
+                self.name,
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        let v = self.read_register(offset);
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            if self.status & DRIVER == 0 || self.status & FAILED != 0 {
+                warn!("{}: config write before DRIVER, ignored", self.name);
+                return;
+            }
+            lock(&self.device).write_config(offset - CONFIG_SPACE_OFFSET, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            debug!(
+                "{}: {}-byte write at {offset:#x} ignored",
+                self.name,
+                data.len()
+            );
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        self.write_register(offset, v);
+    }
+}
+
+/// Reads a device's config space as the transport does; used by devices
+/// whose config is a plain byte array.
+pub fn config_read(config: &[u8], offset: u64, data: &mut [u8]) {
+    read_config_bytes(config, offset, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::{ActivateError, INT_VRING};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    struct Dummy {
+        interrupt: Arc<Interrupt>,
+        events: Vec<EventFd>,
+        activations: usize,
+        resets: usize,
+        fail_activate: bool,
+        config: [u8; 8],
+    }
+
+    impl Dummy {
+        fn new() -> Self {
+            Dummy {
+                interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+                events: vec![
+                    EventFd::new(EFD_NONBLOCK).unwrap(),
+                    EventFd::new(EFD_NONBLOCK).unwrap(),
+                ],
+                activations: 0,
+                resets: 0,
+                fail_activate: false,
+                config: [1, 2, 3, 4, 5, 6, 7, 8],
+            }
+        }
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_RING_EVENT_IDX | 1
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.events
+        }
+        fn interrupt(&self) -> &Arc<Interrupt> {
+            &self.interrupt
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            config_read(&self.config, offset, data)
+        }
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            if self.fail_activate {
+                return Err(ActivateError::Other("no".into()));
+            }
+            assert_eq!(ctx.queues.len(), 2);
+            self.activations += 1;
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn read(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn write(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn transport(dev: Dummy) -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let dev = Arc::new(Mutex::new(dev));
+        let t = MmioTransport::new(mem(), dev.clone(), "test").unwrap();
+        (t, dev)
+    }
+
+    /// Drives the standard handshake with valid queues.
+    fn bring_up(t: &mut MmioTransport) {
+        write(t, 0x70, ACKNOWLEDGE);
+        write(t, 0x70, ACKNOWLEDGE | DRIVER);
+        write(t, 0x24, 1);
+        write(t, 0x20, 1); // VERSION_1
+        write(t, 0x24, 0);
+        write(t, 0x20, 1 | VIRTIO_F_RING_EVENT_IDX as u32);
+        write(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        for (q, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
+            write(t, 0x30, q);
+            write(t, 0x38, 16);
+            write(t, 0x80, base);
+            write(t, 0x90, base + 0x100);
+            write(t, 0xa0, base + 0x200);
+            write(t, 0x44, 1);
+        }
+        write(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport(Dummy::new());
+        assert_eq!(read(&mut t, 0x0), MAGIC_VALUE);
+        assert_eq!(read(&mut t, 0x4), 2);
+        assert_eq!(read(&mut t, 0x8), 42);
+        write(&mut t, 0x14, 1);
+        assert_eq!(read(&mut t, 0x10), 1); // VERSION_1 in the high page
+        write(&mut t, 0x14, 0);
+        assert_eq!(read(&mut t, 0x10), (VIRTIO_F_RING_EVENT_IDX | 1) as u32);
+        write(&mut t, 0x30, 1);
+        assert_eq!(read(&mut t, 0x34), 16);
+        write(&mut t, 0x30, 7);
+        assert_eq!(read(&mut t, 0x34), 0);
+    }
+
+    #[test]
+    fn handshake_activates_once_and_reset_resets() {
+        let (mut t, dev) = transport(Dummy::new());
+        bring_up(&mut t);
+        assert_eq!(dev.lock().unwrap().activations, 1);
+        assert_eq!(read(&mut t, 0x70), 0xf);
+        // Queue writes after DRIVER_OK are ignored.
+        write(&mut t, 0x30, 0);
+        write(&mut t, 0x38, 2);
+        assert_eq!(t.queues[0].size(), 16);
+        dev.lock().unwrap().interrupt.signal_used();
+        assert_eq!(read(&mut t, 0x60), INT_VRING);
+        write(&mut t, 0x64, INT_VRING);
+        assert_eq!(read(&mut t, 0x60), 0);
+        write(&mut t, 0x70, 0);
+        assert_eq!(read(&mut t, 0x70), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn out_of_order_status_and_unknown_features_are_refused() {
+        let (mut t, dev) = transport(Dummy::new());
+        write(&mut t, 0x70, DRIVER_OK);
+        assert_eq!(read(&mut t, 0x70), 0);
+        write(&mut t, 0x70, ACKNOWLEDGE);
+        write(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+        write(&mut t, 0x20, 1 << 5); // not offered
+        write(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(read(&mut t, 0x70) & FEATURES_OK, 0);
+        assert_eq!(dev.lock().unwrap().activations, 0);
+    }
+
+    #[test]
+    fn queue_outside_memory_needs_reset() {
+        let (mut t, dev) = transport(Dummy::new());
+        write(&mut t, 0x70, ACKNOWLEDGE);
+        write(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+        write(&mut t, 0x24, 1);
+        write(&mut t, 0x20, 1);
+        write(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        write(&mut t, 0x30, 0);
+        write(&mut t, 0x38, 16);
+        write(&mut t, 0x80, 0xffff_0000); // beyond guest memory
+        write(&mut t, 0x84, 0x10);
+        write(&mut t, 0x44, 1);
+        write(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(dev.lock().unwrap().activations, 0);
+        assert_ne!(read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
+        write(&mut t, 0x70, 0);
+        assert_eq!(read(&mut t, 0x70), 0);
+    }
+
+    #[test]
+    fn failed_activation_needs_reset() {
+        let mut d = Dummy::new();
+        d.fail_activate = true;
+        let (mut t, _) = transport(d);
+        bring_up(&mut t);
+        assert_ne!(read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let (mut t, _) = transport(Dummy::new());
+        let mut b = [0xffu8; 2];
+        t.read(0x0, &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(0x70, &[1]);
+        assert_eq!(read(&mut t, 0x70), 0);
+        // Config reads go to the device, bounded.
+        let mut c = [0u8; 4];
+        t.read(0x104, &mut c);
+        assert_eq!(c, [5, 6, 7, 8]);
+        t.read(0xfff, &mut c);
+        assert_eq!(c, [0; 4]);
+        // Config write before DRIVER: ignored.
+        t.write(0x100, &[9]);
+        // Notify for a queue that does not exist.
+        write(&mut t, 0x50, 99);
+        for off in (0..0x100).step_by(4) {
+            read(&mut t, off);
+            write(&mut t, off, 0xffff_ffff);
+        }
+    }
+}

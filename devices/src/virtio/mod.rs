@@ -1,0 +1,196 @@
+//! virtio devices over the virtio-mmio (version 2) transport.
+//!
+//! The transport ([`mmio::MmioTransport`]) owns feature negotiation, the
+//! status state machine and queue configuration; a device ([`VirtioDevice`])
+//! only sees its ready queues, guest memory and an [`Interrupt`] once the
+//! driver sets DRIVER_OK. Devices process their queues on the VMM's device
+//! event loop (each is an event-manager subscriber watching its queue
+//! eventfds and backend fds), never on a vCPU thread.
+
+pub mod block;
+pub mod console;
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use log::warn;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit: the device speaks virtio 1.x (mandatory for mmio v2).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: used/avail event index notification suppression.
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+/// InterruptStatus bit: used buffers were added.
+pub const INT_VRING: u32 = 1;
+/// InterruptStatus bit: the configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt line and the status bits the guest reads back.
+///
+/// Shared by the transport (vCPU threads read and acknowledge it) and the
+/// device (the event loop raises it).
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt that pulses `evt` (a KVM irqfd in the VMM).
+    pub fn new(evt: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            evt,
+        }
+    }
+
+    /// The eventfd to register as an irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            warn!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver that used buffers are ready.
+    pub fn signal_used(&self) {
+        self.raise(INT_VRING);
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    /// Marks the device broken (DEVICE_NEEDS_RESET) after a guest error it
+    /// cannot recover from, and tells the driver.
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.raise(INT_CONFIG);
+    }
+
+    /// Whether [`Interrupt::set_needs_reset`] was called since the last reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// InterruptStatus as the guest reads it.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears all state on a device reset.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues, configured and ready, in index order (a queue the driver
+    /// left unready is passed as is, with `ready() == false`).
+    pub queues: Vec<Queue>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Why a device refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver did not set up a queue the device needs.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A virtio device model, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// virtio device id (`virtio_ids`: 2 block, 3 console, 4 rng ...).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers (must include VERSION_1).
+    fn features(&self) -> u64;
+    /// One eventfd per queue, written when the driver notifies the queue
+    /// (the VMM registers them as KVM ioeventfds on QueueNotify).
+    fn queue_events(&self) -> &[EventFd];
+    /// The device's interrupt.
+    fn interrupt(&self) -> &std::sync::Arc<Interrupt>;
+    /// Reads from the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the device-specific configuration space (ignored unless
+    /// the device has writable fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Starts processing queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops processing and forgets the queues (driver reset).
+    fn reset(&mut self);
+}
+
+/// Copies `data.len()` bytes of `config` from `offset` into `data`, zero
+/// filling what lies outside: guest offsets and sizes are untrusted.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        i.signal_used();
+        i.signal_config();
+        assert_eq!(i.status(), INT_VRING | INT_CONFIG);
+        assert_eq!(i.eventfd().read().unwrap(), 2);
+        i.ack(INT_VRING);
+        assert_eq!(i.status(), INT_CONFIG);
+        i.set_needs_reset();
+        assert!(i.needs_reset());
+        i.reset();
+        assert_eq!(i.status(), 0);
+        assert!(!i.needs_reset());
+    }
+}

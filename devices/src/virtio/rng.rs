@@ -1,0 +1,472 @@
+//! virtio-rng (device id 4): hands the guest random bytes from the host's
+//! kernel CSPRNG so that early boot never stalls waiting for entropy.
+//!
+//! One queue; every device-writable descriptor of a chain is filled with
+//! bytes read from `/dev/urandom` (the same pool `getrandom(2)` uses), capped
+//! per chain so that a guest cannot keep the event loop busy.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{error, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+};
+
+/// virtio device id of an entropy source.
+pub const RNG_DEVICE_ID: u32 = 4;
+/// Largest size of the request queue.
+pub const RNG_QUEUE_SIZE: u16 = 256;
+/// At most this many random bytes are given per descriptor chain.
+pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
+
+const RANDOM_SOURCE: &str = "/dev/urandom";
+/// Event data tag of the request queue's eventfd.
+const QUEUE_EVENT: u32 = 0;
+
+/// Why the entropy device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// The host's random source could not be opened.
+    #[error("cannot open {RANDOM_SOURCE}: {0}")]
+    OpenSource(io::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create the queue eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// The virtio entropy device.
+pub struct Rng {
+    source: File,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    mem: Option<GuestMemoryMmap>,
+    queue: Option<Queue>,
+    buf: Vec<u8>,
+}
+
+impl Rng {
+    /// An entropy device that raises its interrupt through `interrupt_evt`.
+    pub fn new(interrupt_evt: EventFd) -> Result<Rng, RngError> {
+        let source = File::open(RANDOM_SOURCE).map_err(RngError::OpenSource)?;
+        let queue_evt = EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?;
+        Ok(Rng {
+            source,
+            interrupt: Arc::new(Interrupt::new(interrupt_evt)),
+            queue_events: vec![queue_evt],
+            mem: None,
+            queue: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Serves every available request, then signals the guest if it asked
+    /// for it.
+    fn process_queue(&mut self) {
+        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queue.as_mut()) else {
+            return;
+        };
+        let mut used_any = false;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn!("virtio-rng: cannot disable notifications: {e}");
+            }
+            loop {
+                let chain = match queue.iter(mem).map(|mut it| it.next()) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        // An avail index the queue cannot hold: the driver is
+                        // broken. Stop until it resets the device.
+                        error!("virtio-rng: queue is broken ({e}); device needs reset");
+                        self.queue = None;
+                        self.interrupt.set_needs_reset();
+                        return;
+                    }
+                };
+                let head = chain.head_index();
+                let len = match chain.writer(mem) {
+                    Ok(mut writer) => {
+                        let n = writer.available_bytes().min(MAX_BYTES_PER_CHAIN);
+                        if n == 0 {
+                            warn!("virtio-rng: request {head} has no device-writable buffer");
+                            0
+                        } else {
+                            fill(&mut self.source, &mut self.buf, &mut writer, n)
+                        }
+                    }
+                    Err(e) => {
+                        warn!("virtio-rng: request {head} is malformed ({e}), completed empty");
+                        0
+                    }
+                };
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    error!("virtio-rng: cannot complete request {head}: {e}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("virtio-rng: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any {
+            match queue.needs_notification(mem) {
+                Ok(false) => {}
+                Ok(true) => self.interrupt.signal_used(),
+                Err(e) => {
+                    warn!("virtio-rng: cannot read used_event ({e}); signalling anyway");
+                    self.interrupt.signal_used();
+                }
+            }
+        }
+    }
+}
+
+/// Writes `n` random bytes through `writer`; returns how many went to the
+/// guest (0 if the host's source failed, which is logged).
+fn fill<W: Write>(source: &mut File, buf: &mut Vec<u8>, writer: &mut W, n: usize) -> u32 {
+    buf.resize(n, 0);
+    if let Err(e) = source.read_exact(&mut buf[..n]) {
+        error!("virtio-rng: reading {RANDOM_SOURCE} failed: {e}");
+        return 0;
+    }
+    match writer.write_all(&buf[..n]) {
+        // n <= MAX_BYTES_PER_CHAIN, which fits in u32.
+        Ok(()) => n as u32,
+        Err(e) => {
+            warn!("virtio-rng: cannot write to guest memory: {e}");
+            0
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        RNG_DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[RNG_QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // No configuration space.
+        data.fill(0);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let Some(queue) = ctx.queues.into_iter().next() else {
+            return Err(ActivateError::Other("virtio-rng needs one queue".into()));
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.mem = Some(ctx.mem);
+        self.queue = Some(queue);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queue = None;
+        self.mem = None;
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.queue_events[0],
+            QUEUE_EVENT,
+            EventSet::IN,
+        )) {
+            error!("virtio-rng: cannot watch the queue eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            QUEUE_EVENT => {
+                // Always drain, so that a notify before activation does not
+                // keep the event loop awake.
+                let _ = self.queue_events[0].read();
+                self.process_queue();
+            }
+            other => warn!("virtio-rng: unexpected event tag {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MEM_SIZE: usize = 0x20_0000;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    /// Adds one chain of `(addr, len, writable)` descriptors at table index `first`.
+    fn add_chain(q: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[(u64, u32, bool)]) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, writable))| {
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                let last = i + 1 == descs.len();
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = if last { 0 } else { first + i as u16 + 1 };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        q.add_desc_chains(&raw, first).unwrap();
+    }
+
+    fn used(q: &MockSplitQueue<GuestMemoryMmap>, i: usize) -> (u32, u32) {
+        let e = q.used().ring().ref_at(i).unwrap().load();
+        (e.id(), e.len())
+    }
+
+    struct Setup {
+        mem: GuestMemoryMmap,
+        rng: Arc<Mutex<Rng>>,
+        manager: EventManager<Arc<Mutex<Rng>>>,
+        irq: EventFd,
+    }
+
+    fn setup() -> Setup {
+        let mem = mem();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let rng = Arc::new(Mutex::new(Rng::new(irq.try_clone().unwrap()).unwrap()));
+        let mut manager = EventManager::<Arc<Mutex<Rng>>>::new().unwrap();
+        manager.add_subscriber(rng.clone());
+        Setup {
+            mem,
+            rng,
+            manager,
+            irq,
+        }
+    }
+
+    fn activate(s: &Setup, q: &MockSplitQueue<GuestMemoryMmap>) {
+        let ctx = ActivateContext {
+            mem: s.mem.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            acked_features: VIRTIO_F_VERSION_1,
+        };
+        s.rng.lock().unwrap().activate(ctx).unwrap();
+    }
+
+    fn kick(s: &mut Setup) {
+        s.rng.lock().unwrap().queue_events()[0].write(1).unwrap();
+        while s.manager.run_with_timeout(0).unwrap() > 0 {}
+    }
+
+    #[test]
+    fn identity() {
+        let s = setup();
+        let d = s.rng.lock().unwrap();
+        assert_eq!(d.device_type(), 4);
+        assert_eq!(d.queue_max_sizes(), &[256]);
+        assert_ne!(d.features() & VIRTIO_F_VERSION_1, 0);
+        assert_eq!(d.queue_events().len(), 1);
+    }
+
+    #[test]
+    fn fills_writable_descriptors() {
+        let mut s = setup();
+        let mem = s.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&s, &q);
+        kick(&mut s);
+        // Skip the notify that activation would have sent.
+        let _ = s.irq.read();
+        // A readable descriptor in the middle is skipped, not filled.
+        add_chain(
+            &q,
+            0,
+            &[
+                (0x10_000, 32, true),
+                (0x11_000, 8, false),
+                (0x12_000, 32, true),
+            ],
+        );
+        mem.write_slice(&[0xaa; 8], GuestAddress(0x11_000)).unwrap();
+        kick(&mut s);
+        assert_eq!(q.used().idx().load(), 1);
+        assert_eq!(used(&q, 0), (0, 64));
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        mem.read_slice(&mut a, GuestAddress(0x10_000)).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x12_000)).unwrap();
+        // 2^-256 chance of a false failure per buffer.
+        assert_ne!(a, [0u8; 32]);
+        assert_ne!(b, [0u8; 32]);
+        assert_ne!(a, b);
+        let mut ro = [0u8; 8];
+        mem.read_slice(&mut ro, GuestAddress(0x11_000)).unwrap();
+        assert_eq!(ro, [0xaa; 8]);
+        assert_eq!(s.irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn caps_bytes_per_chain() {
+        let mut s = setup();
+        let mem = s.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&s, &q);
+        add_chain(&q, 0, &[(0x10_0000, 0x10_0000, true)]);
+        kick(&mut s);
+        assert_eq!(used(&q, 0), (0, MAX_BYTES_PER_CHAIN as u32));
+        let mut after = [0u8; 64];
+        mem.read_slice(
+            &mut after,
+            GuestAddress(0x10_0000 + MAX_BYTES_PER_CHAIN as u64),
+        )
+        .unwrap();
+        assert_eq!(after, [0u8; 64]);
+    }
+
+    #[test]
+    fn bad_chains_complete_empty_and_device_keeps_working() {
+        let mut s = setup();
+        let mem = s.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&s, &q);
+        // Outside guest memory.
+        add_chain(&q, 0, &[(0xffff_0000, 64, true)]);
+        // Straddling the end of guest memory.
+        add_chain(&q, 1, &[(MEM_SIZE as u64 - 16, 64, true)]);
+        // No writable descriptor at all.
+        add_chain(&q, 2, &[(0x10_000, 64, false)]);
+        // Zero-length writable descriptor.
+        add_chain(&q, 3, &[(0x10_000, 0, true)]);
+        // A good one after them.
+        add_chain(&q, 4, &[(0x10_000, 16, true)]);
+        kick(&mut s);
+        assert_eq!(q.used().idx().load(), 5);
+        for i in 0..4 {
+            assert_eq!(used(&q, i), (i as u32, 0));
+        }
+        assert_eq!(used(&q, 4), (4, 16));
+    }
+
+    #[test]
+    fn notify_before_activation_is_drained() {
+        let mut s = setup();
+        kick(&mut s);
+        assert_eq!(s.manager.run_with_timeout(0).unwrap(), 0);
+        assert!(s.irq.read().is_err());
+        // After a reset the queue is no longer processed.
+        let mem = s.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&s, &q);
+        s.rng.lock().unwrap().reset();
+        add_chain(&q, 0, &[(0x10_000, 16, true)]);
+        kick(&mut s);
+        assert_eq!(q.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn bogus_avail_index_needs_reset_without_spinning() {
+        let mut s = setup();
+        let mem = s.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&s, &q);
+        q.avail().idx().store(100);
+        kick(&mut s);
+        assert!(s.rng.lock().unwrap().interrupt().needs_reset());
+        assert_eq!(q.used().idx().load(), 0);
+        kick(&mut s);
+        assert_eq!(q.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn driven_through_the_mmio_transport() {
+        use crate::virtio::mmio::MmioTransport;
+        use crate::BusDevice;
+
+        let mut s = setup();
+        let mem = s.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let dev: Arc<Mutex<dyn VirtioDevice>> = s.rng.clone();
+        let mut t = MmioTransport::new(mem.clone(), dev, "rng").unwrap();
+        let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+        w(0x70, 1);
+        w(0x70, 3);
+        w(0x24, 1);
+        w(0x20, 1); // VERSION_1
+        w(0x24, 0);
+        w(0x20, VIRTIO_F_RING_EVENT_IDX as u32);
+        w(0x70, 0xb);
+        w(0x30, 0);
+        w(0x38, 16);
+        w(0x80, q.desc_table_addr().0 as u32);
+        w(0x90, q.avail_addr().0 as u32);
+        w(0xa0, q.used_addr().0 as u32);
+        w(0x44, 1);
+        add_chain(&q, 0, &[(0x10_000, 48, true)]);
+        // The chain was queued before DRIVER_OK; activation kicks the queue.
+        w(0x70, 0xf);
+        while s.manager.run_with_timeout(0).unwrap() > 0 {}
+        assert_eq!(used(&q, 0), (0, 48));
+        assert_eq!(s.irq.read().unwrap(), 1);
+        let mut st = [0u8; 4];
+        t.read(0x60, &mut st);
+        assert_eq!(u32::from_le_bytes(st), crate::virtio::INT_VRING);
+    }
+
+    #[test]
+    fn unready_queue_is_refused() {
+        let s = setup();
+        let mut queue = Queue::new(16).unwrap();
+        queue.set_ready(false);
+        let ctx = ActivateContext {
+            mem: s.mem.clone(),
+            queues: vec![queue],
+            acked_features: VIRTIO_F_VERSION_1,
+        };
+        assert!(matches!(
+            s.rng.lock().unwrap().activate(ctx),
+            Err(ActivateError::QueueNotReady(0))
+        ));
+    }
+}

@@ -1,0 +1,224 @@
+//! Starts a VMM whose virtio console connects to a socket this program
+//! listens on, waits for the guest's backdoor shell, runs checks through
+//! it with the NixOS framing, powers the guest off and reports.
+//!
+//! ```text
+//! skiff-guest-session --socket PATH [--shell bash|sh] [--timeout SECS]
+//!     [--check NAME[=ARG]]... -- VMM [ARGS...]
+//! ```
+//! Checks: `systemd` (systemctl is-system-running --wait), `stress`
+//! (1,000 commands, then 64 MiB of output compared by SHA-256),
+//! `disk-write=DEV:MIB` (writes a known pattern with dd, then syncs),
+//! `write-fails=DEV` (a write to DEV must fail), `cmd=COMMAND` (runs it,
+//! must succeed). Lines `CHECK <name> ok|FAIL ...` go to stderr; the exit
+//! status is 0 only if every check passed and the VMM exited with 0.
+
+use std::os::unix::net::UnixListener;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use skiff_tests::backdoor::Backdoor;
+
+fn log(msg: &str) {
+    eprintln!("skiff-guest-session: {msg}");
+}
+
+fn check(name: &str, arg: Option<&str>, b: &mut Backdoor) -> Result<String, String> {
+    let run = |b: &mut Backdoor, cmd: &str, t: u32| {
+        b.execute(cmd, Some(t)).map_err(|e| format!("`{cmd}`: {e}"))
+    };
+    match name {
+        "systemd" => {
+            let (_, out) = run(b, "systemctl is-system-running --wait || true", 600)?;
+            let state = String::from_utf8_lossy(&out).trim().to_owned();
+            match state.as_str() {
+                "running" => Ok(state),
+                "degraded" => {
+                    let (_, failed) = run(b, "systemctl --failed --no-legend --plain || true", 60)?;
+                    Ok(format!(
+                        "degraded; failed units:\n{}",
+                        String::from_utf8_lossy(&failed)
+                    ))
+                }
+                _ => {
+                    let (_, jobs) = run(b, "systemctl list-jobs --no-legend || true", 60)?;
+                    Err(format!(
+                        "state '{state}'; jobs:\n{}",
+                        String::from_utf8_lossy(&jobs)
+                    ))
+                }
+            }
+        }
+        "stress" => {
+            let start = Instant::now();
+            for i in 0..1000u32 {
+                let (status, out) = run(b, &format!("echo line-{i}; exit {}", i % 7), 60)?;
+                let want = format!("line-{i}\n");
+                if status != (i % 7) as i32 || out != want.as_bytes() {
+                    return Err(format!(
+                        "command {i}: status {status} output {:?}, expected {} {want:?}",
+                        String::from_utf8_lossy(&out),
+                        i % 7
+                    ));
+                }
+            }
+            let small = start.elapsed();
+            let (status, sum) = run(
+                b,
+                "head -c 67108864 /dev/urandom > /tmp/big && sha256sum /tmp/big | cut -d' ' -f1",
+                600,
+            )?;
+            if status != 0 {
+                return Err(format!("creating 64 MiB failed with {status}"));
+            }
+            let want = String::from_utf8_lossy(&sum).trim().to_owned();
+            let t = Instant::now();
+            let (status, big) = run(b, "cat /tmp/big", 900)?;
+            let got = format!("{:x}", Sha256::digest(&big));
+            if status != 0 || big.len() != 64 << 20 || got != want {
+                return Err(format!(
+                    "64 MiB output: status {status}, {} bytes, sha256 {got}, guest says {want}",
+                    big.len()
+                ));
+            }
+            Ok(format!(
+                "1000 commands in {small:.1?}; 64 MiB intact in {:.1?}",
+                t.elapsed()
+            ))
+        }
+        "disk-write" => {
+            let (dev, mib) = arg
+                .and_then(|a| a.split_once(':'))
+                .ok_or("disk-write needs DEV:MIB")?;
+            let cmd = format!(
+                "yes skiff-disk-pattern | head -c $(({mib} * 1048576)) | dd of={dev} bs=1M iflag=fullblock 2>/dev/null && sync && echo written"
+            );
+            let (status, out) = run(b, &cmd, 900)?;
+            if status != 0 {
+                return Err(format!(
+                    "dd failed with {status}: {}",
+                    String::from_utf8_lossy(&out)
+                ));
+            }
+            Ok(format!("{mib} MiB written to {dev}"))
+        }
+        "write-fails" => {
+            let dev = arg.ok_or("write-fails needs DEV")?;
+            let (status, _) = run(
+                b,
+                &format!("dd if=/dev/zero of={dev} bs=4096 count=1 conv=fsync 2>&1"),
+                120,
+            )?;
+            if status == 0 {
+                return Err(format!("a write to {dev} succeeded"));
+            }
+            Ok(format!("write to {dev} failed with status {status}"))
+        }
+        "cmd" => {
+            let cmd = arg.ok_or("cmd needs a command")?;
+            let (status, out) = run(b, cmd, 600)?;
+            let out = String::from_utf8_lossy(&out).into_owned();
+            if status != 0 {
+                return Err(format!("status {status}: {out}"));
+            }
+            Ok(out.trim_end().to_owned())
+        }
+        _ => Err(format!("unknown check '{name}'")),
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut socket = None;
+    let mut shell = "bash".to_owned();
+    let mut timeout = 600u64;
+    let mut checks: Vec<String> = Vec::new();
+    let mut vmm: Vec<String> = Vec::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--socket" => socket = args.next(),
+            "--shell" => shell = args.next().unwrap_or_default(),
+            "--timeout" => timeout = args.next().and_then(|t| t.parse().ok()).unwrap_or(timeout),
+            "--check" => checks.extend(args.next()),
+            "--" => {
+                vmm = args.by_ref().collect();
+            }
+            other => {
+                log(&format!("unknown argument {other}"));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let (Some(socket), Some(program)) = (socket, vmm.first().cloned()) else {
+        log("usage: skiff-guest-session --socket PATH [--check NAME[=ARG]]... -- VMM [ARGS...]");
+        return ExitCode::from(2);
+    };
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!("cannot listen on {socket}: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    let start = Instant::now();
+    let mut child = match Command::new(&program).args(&vmm[1..]).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            log(&format!("cannot start {program}: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    let mut ok = true;
+    match Backdoor::accept(&listener, &shell, Duration::from_secs(timeout)) {
+        Ok(mut b) => {
+            log(&format!("backdoor ready after {:.1?}", start.elapsed()));
+            for c in &checks {
+                let (name, arg) = match c.split_once('=') {
+                    Some((n, a)) => (n, Some(a)),
+                    None => (c.as_str(), None),
+                };
+                let t = Instant::now();
+                match check(name, arg, &mut b) {
+                    Ok(detail) => log(&format!("CHECK {name} ok ({:.1?}): {detail}", t.elapsed())),
+                    Err(detail) => {
+                        ok = false;
+                        log(&format!(
+                            "CHECK {name} FAIL ({:.1?}): {detail}",
+                            t.elapsed()
+                        ));
+                    }
+                }
+            }
+            if let Err(e) = b.poweroff() {
+                log(&format!("cannot send poweroff: {e}"));
+            }
+        }
+        Err(e) => {
+            ok = false;
+            log(&format!("no backdoor shell: {e}"));
+            let _ = child.kill();
+        }
+    }
+    // Wait for the VMM, bounded.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s.code(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                log("the VMM did not exit after poweroff; killing it");
+                let _ = child.kill();
+                break child.wait().ok().and_then(|s| s.code());
+            }
+        }
+    };
+    log(&format!("vmm exit status {status:?}"));
+    let _ = std::fs::remove_file(&socket);
+    if ok && status == Some(0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -39,7 +39,7 @@ fn busybox_guest(kernel: &Path, extra: &[String]) -> Vec<String> {
         "--memory".to_owned(),
         "512".to_owned(),
         "--cpus".to_owned(),
-        "2".to_owned(),
+        "1".to_owned(),
     ];
     args.extend_from_slice(extra);
     args

@@ -1,0 +1,93 @@
+//! A Debian systemd root on virtio-blk, under both kernels: systemd reaches
+//! multi-user.target and the backdoor shell on hvc0 answers with the NixOS
+//! framing.
+
+use std::path::Path;
+
+use skiff_tests::{cache_dir, fixtures, run_batch, VmSpec};
+
+const SESSION: &str = env!("CARGO_BIN_EXE_skiff-guest-session");
+
+fn rootfs(name: &str) -> String {
+    let p = cache_dir().join("guest").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run tests/guest/build",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+fn systemd_guest(kernel: &Path, disk: String, cmdline: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        fixtures().initrd.display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 panic=-1 {cmdline}"),
+        "--memory".into(),
+        "1024".into(),
+        "--cpus".into(),
+        "2".into(),
+        "--disk".into(),
+        disk,
+        "--rng".into(),
+    ]
+}
+
+#[test]
+fn systemd_reaches_multi_user_under_both_kernels() {
+    let f = fixtures();
+    let checks = [
+        "systemd",
+        "cmd=systemctl is-active multi-user.target && findmnt -n -o FSTYPE / && uname -r",
+    ];
+    let specs = vec![
+        VmSpec::session(
+            "microvm-ext4",
+            Path::new(SESSION),
+            "bash",
+            &checks,
+            systemd_guest(
+                &f.microvm,
+                format!("path={},overlay=on", rootfs("rootfs.ext4")),
+                "root=/dev/vda rw",
+            ),
+        ),
+        VmSpec::session(
+            "debian-erofs",
+            Path::new(SESSION),
+            "bash",
+            &checks,
+            systemd_guest(
+                &f.debian,
+                format!("path={},readonly=on", rootfs("rootfs.erofs")),
+                "root=/dev/vda rootfstype=erofs",
+            ),
+        ),
+    ];
+    let o = run_batch("systemd", 4096, &specs);
+    for run in &o {
+        eprintln!("{}", run.log);
+        assert_eq!(run.status, Some(0), "{}", run.describe());
+        let state = run.assert_check("systemd");
+        assert!(
+            state.contains("running") || state.contains("degraded"),
+            "{}",
+            run.describe()
+        );
+        let facts = run.assert_check("cmd");
+        assert!(facts.contains("active"), "{}", run.describe());
+    }
+    assert!(
+        o[0].log.contains("ext4") && o[0].log.contains("skiff-microvm"),
+        "{}",
+        o[0].describe()
+    );
+    assert!(
+        o[1].log.contains("overlay") && o[1].log.contains("amd64"),
+        "{}",
+        o[1].describe()
+    );
+}

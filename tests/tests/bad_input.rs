@@ -158,3 +158,60 @@ fn help_documents_every_flag_and_exit_status() {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }
+
+#[test]
+fn missing_disk_image() {
+    let f = fixtures();
+    let r = vmm(&[
+        "--kernel",
+        &f.microvm.display().to_string(),
+        "--disk",
+        "path=/nonexistent/root.img",
+    ]);
+    assert_clear_error(
+        &r,
+        1,
+        &["disk vda", "cannot open disk image /nonexistent/root.img"],
+    );
+}
+
+#[test]
+fn disk_locked_by_another_process() {
+    let f = fixtures();
+    let dir = scratch_dir("bad-locked");
+    let img = dir.join("busy.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let holder = std::fs::File::open(&img).unwrap();
+    holder.lock_shared().unwrap();
+    let r = vmm(&[
+        "--kernel",
+        &f.microvm.display().to_string(),
+        "--disk",
+        &format!("path={}", img.display()),
+    ]);
+    assert_clear_error(&r, 1, &["busy.img", "in use by another process"]);
+}
+
+#[test]
+fn bad_disk_and_console_specs() {
+    let r = vmm(&["--kernel", "/x", "--disk", "path=/a,size=3"]);
+    assert_clear_error(&r, 2, &["unknown --disk option 'size'"]);
+    let r = vmm(&["--kernel", "/x", "--disk", "path=/a,readonly=on,overlay=on"]);
+    assert_clear_error(&r, 2, &["readonly=on and overlay=on"]);
+    let r = vmm(&["--kernel", "/x", "--console", "tcp=1"]);
+    assert_clear_error(&r, 2, &["tcp=1", "socket=PATH"]);
+}
+
+#[test]
+fn console_socket_nobody_listens_on() {
+    let f = fixtures();
+    let r = vmm(&[
+        "--kernel",
+        &f.microvm.display().to_string(),
+        "--console",
+        "socket=/nonexistent/shell.sock",
+        "--serial",
+        "none",
+    ]);
+    assert_clear_error(&r, 1, &["console", "/nonexistent/shell.sock"]);
+}

@@ -43,12 +43,16 @@ fn systemd_reaches_multi_user_under_both_kernels() {
         "systemd",
         "cmd=systemctl is-active multi-user.target && findmnt -n -o FSTYPE / && uname -r",
     ];
+    // The microVM guest also runs the backdoor stress with bash and the
+    // exact upstream framing: 1,000 commands, then 64 MiB of output.
+    let mut microvm_checks = checks.to_vec();
+    microvm_checks.push("stress");
     let specs = vec![
         VmSpec::session(
             "microvm-ext4",
             Path::new(SESSION),
             "bash",
-            &checks,
+            &microvm_checks,
             systemd_guest(
                 &f.microvm,
                 format!("path={},overlay=on", rootfs("rootfs.ext4")),

@@ -82,6 +82,15 @@ pub enum BlockError {
         /// The cause.
         err: io::Error,
     },
+    /// Another VM uses the image in a conflicting way.
+    #[error(
+        "disk image {} is in use by another process (it is locked; share it with readonly=on or overlay=on)",
+        .path.display()
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+    },
     /// The image's size could not be read.
     #[error("cannot read the size of disk image {}: {}", .path.display(), os_message(.err))]
     Size {
@@ -298,6 +307,7 @@ impl Block {
                 path: path.clone(),
                 err,
             },
+            disk::OpenError::Locked => BlockError::Locked { path: path.clone() },
         })?;
         let size = file_size / SECTOR_SIZE * SECTOR_SIZE;
         let backend = if overlay {

@@ -299,6 +299,8 @@ pub enum OpenError {
     Open(io::Error),
     /// The size could not be read.
     Size(io::Error),
+    /// Another process holds a conflicting lock on the image.
+    Locked,
 }
 
 /// Opens a disk image for [`Backend`]; returns the file and its size in
@@ -316,6 +318,19 @@ pub fn open_image(path: &Path, writable: bool) -> Result<(File, u64), OpenError>
             "not a regular file or block device",
         )));
     }
+    // Like QEMU: a writer takes an exclusive lock, readers (read-only
+    // disks and overlay bases) a shared one, so no VM writes an image
+    // another VM is reading or writing. The lock goes with the process.
+    let locked = if writable {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    match locked {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(OpenError::Locked),
+        Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Open(e)),
+    }
     let size = file.seek(SeekFrom::End(0)).map_err(OpenError::Size)?;
     Ok((file, size))
 }
@@ -324,6 +339,21 @@ pub fn open_image(path: &Path, writable: bool) -> Result<(File, u64), OpenError>
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn writers_exclude_everyone_readers_share() {
+        let path = std::env::temp_dir().join(format!("skiff-lock-test-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let (r1, _) = open_image(&path, false).unwrap();
+        let (_r2, _) = open_image(&path, false).unwrap();
+        assert!(matches!(open_image(&path, true), Err(OpenError::Locked)));
+        drop(r1);
+        drop(_r2);
+        let (_w, _) = open_image(&path, true).unwrap();
+        assert!(matches!(open_image(&path, true), Err(OpenError::Locked)));
+        assert!(matches!(open_image(&path, false), Err(OpenError::Locked)));
+        std::fs::remove_file(&path).unwrap();
+    }
 
     fn is_unlinked(f: &File) -> bool {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();

@@ -287,7 +287,12 @@ fn write_sectors_and_flush() {
 fn get_id() {
     let img = TempImage::new(&pattern(4096));
     let m = mem();
-    let mut d = Driver::new(&m, block(&config(&img)));
+    // Read-only, so that two devices may hold the image at once.
+    let readonly = |img: &TempImage| BlockConfig {
+        readonly: true,
+        ..config(img)
+    };
+    let mut d = Driver::new(&m, block(&readonly(&img)));
     let name = img
         .0
         .file_name()
@@ -306,7 +311,7 @@ fn get_id() {
     assert_eq!(read_guest(&m, DATA + 20, 1), [0xee]);
 
     // An explicit, short id is zero padded.
-    let mut cfg = config(&img);
+    let mut cfg = readonly(&img);
     cfg.id = Some("root-disk".into());
     let m2 = mem();
     let mut d2 = Driver::new(&m2, block(&cfg));
@@ -532,6 +537,7 @@ fn broken_available_ring_needs_reset() {
 
     // More chains announced than the queue holds.
     let m2 = mem();
+    drop(d); // the image is locked while a device holds it
     let mut d2 = Driver::new(&m2, block(&config(&img)));
     d2.vq.avail().idx().store(QSIZE + 1);
     assert!(d2.run().is_empty());

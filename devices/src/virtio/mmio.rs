@@ -337,7 +337,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             debug!(
                 "{}: {}-byte read at {offset:#x} ignored",
                 self.name,
@@ -360,7 +360,7 @@ impl BusDevice for MmioTransport {
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             debug!(
                 "{}: {}-byte write at {offset:#x} ignored",
                 self.name,

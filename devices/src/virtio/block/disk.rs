@@ -229,10 +229,10 @@ impl Overlay {
         let end = offset + len;
         let first = offset / OVERLAY_CLUSTER_SIZE;
         let last = (end - 1) / OVERLAY_CLUSTER_SIZE;
-        if offset % OVERLAY_CLUSTER_SIZE != 0 {
+        if !offset.is_multiple_of(OVERLAY_CLUSTER_SIZE) {
             self.copy_up(first)?;
         }
-        if end % OVERLAY_CLUSTER_SIZE != 0 && end != self.size {
+        if !end.is_multiple_of(OVERLAY_CLUSTER_SIZE) && end != self.size {
             self.copy_up(last)?;
         }
         write_file_from(&self.layer, offset, mem, segments)?;

@@ -311,7 +311,7 @@ where
     };
     let data_len = total_len(&data);
     match request_type {
-        RequestType::In | RequestType::Out if data_len % SECTOR_SIZE != 0 => {
+        RequestType::In | RequestType::Out if !data_len.is_multiple_of(SECTOR_SIZE) => {
             return fail(RequestError::UnalignedLength(data_len));
         }
         RequestType::GetId if data_len < ID_BYTES as u64 => {

@@ -865,7 +865,7 @@ fn random_chains_never_panic() {
         for _ in 0..10 {
             let head = d.next_desc;
             let n = 1 + (rng.next() % 5) as u16;
-            let shaped = rng.next() % 2 == 0;
+            let shaped = rng.next().is_multiple_of(2);
             for i in 0..n {
                 let last = i + 1 == n;
                 let (flags, next) = if shaped {
@@ -878,7 +878,7 @@ fn random_chains_never_panic() {
                     };
                     (if last { dir } else { dir | NEXT }, head + i + 1)
                 } else {
-                    let next = if rng.next() % 4 == 0 {
+                    let next = if rng.next().is_multiple_of(4) {
                         (rng.next() % 40) as u16
                     } else {
                         head + i + 1

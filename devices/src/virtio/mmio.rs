@@ -8,8 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    read_config_bytes, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_VERSION_1,
+    ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::BusDevice;
 
@@ -373,12 +372,6 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// Reads a device's config space as the transport does; used by devices
-/// whose config is a plain byte array.
-pub fn config_read(config: &[u8], offset: u64, data: &mut [u8]) {
-    read_config_bytes(config, offset, data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,7 +421,7 @@ mod tests {
             &self.interrupt
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            config_read(&self.config, offset, data)
+            crate::virtio::read_config_bytes(&self.config, offset, data)
         }
         fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
             if self.fail_activate {

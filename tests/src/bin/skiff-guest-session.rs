@@ -6,8 +6,8 @@
 //! skiff-guest-session --socket PATH [--shell bash|sh] [--timeout SECS]
 //!     [--check NAME[=ARG]]... -- VMM [ARGS...]
 //! ```
-//! Checks: `systemd` (systemctl is-system-running --wait), `stress`
-//! (1,000 commands, then 64 MiB of output compared by SHA-256),
+//! Checks: `systemd` (systemctl is-system-running --wait), `stress[=MIB]`
+//! (1,000 commands, then MIB (default 64) MiB of output compared by SHA-256),
 //! `disk-write=DEV:MIB` (writes a known pattern with dd, then syncs),
 //! `write-fails=DEV` (a write to DEV must fail), `cmd=COMMAND` (runs it,
 //! must succeed). Lines `CHECK <name> ok|FAIL ...` go to stderr; the exit
@@ -51,6 +51,10 @@ fn check(name: &str, arg: Option<&str>, b: &mut Backdoor) -> Result<String, Stri
             }
         }
         "stress" => {
+            let mib: u64 = match arg {
+                Some(a) => a.parse().map_err(|_| format!("stress={a}: expected MiB"))?,
+                None => 64,
+            };
             let start = Instant::now();
             for i in 0..1000u32 {
                 let (status, out) = run(b, &format!("echo line-{i}; exit {}", i % 7), 60)?;
@@ -66,24 +70,27 @@ fn check(name: &str, arg: Option<&str>, b: &mut Backdoor) -> Result<String, Stri
             let small = start.elapsed();
             let (status, sum) = run(
                 b,
-                "head -c 67108864 /dev/urandom > /tmp/big && sha256sum /tmp/big | cut -d' ' -f1",
+                &format!(
+                    "head -c {} /dev/urandom > /tmp/big && sha256sum /tmp/big | cut -d' ' -f1",
+                    mib << 20
+                ),
                 600,
             )?;
             if status != 0 {
-                return Err(format!("creating 64 MiB failed with {status}"));
+                return Err(format!("creating {mib} MiB failed with {status}"));
             }
             let want = String::from_utf8_lossy(&sum).trim().to_owned();
             let t = Instant::now();
             let (status, big) = run(b, "cat /tmp/big", 900)?;
             let got = format!("{:x}", Sha256::digest(&big));
-            if status != 0 || big.len() != 64 << 20 || got != want {
+            if status != 0 || big.len() as u64 != mib << 20 || got != want {
                 return Err(format!(
-                    "64 MiB output: status {status}, {} bytes, sha256 {got}, guest says {want}",
+                    "{mib} MiB output: status {status}, {} bytes, sha256 {got}, guest says {want}",
                     big.len()
                 ));
             }
             Ok(format!(
-                "1000 commands in {small:.1?}; 64 MiB intact in {:.1?}",
+                "1000 commands in {small:.1?}; {mib} MiB intact in {:.1?}",
                 t.elapsed()
             ))
         }

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -387,7 +388,9 @@ impl Vm {
 
         let serial_input = if config.serial == SerialConfig::Stdio {
             let stdin = std::io::stdin()
-                .as_fd_dup()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(File::from)
                 .map_err(setup_err("serial input"))?;
             Some(Arc::new(Mutex::new(
                 SerialInput::new(serial.clone(), stdin).map_err(setup_err("serial input"))?,
@@ -510,18 +513,6 @@ impl Vm {
         let _ = crate::bus::lock(&self.serial).flush();
         let _ = std::io::stdout().flush();
         Ok(reason)
-    }
-}
-
-/// `Stdin::as_fd_dup`: a `File` on a duplicate of fd 0.
-trait StdinDup {
-    fn as_fd_dup(&self) -> std::io::Result<File>;
-}
-
-impl StdinDup for std::io::Stdin {
-    fn as_fd_dup(&self) -> std::io::Result<File> {
-        use std::os::fd::AsFd;
-        Ok(File::from(self.as_fd().try_clone_to_owned()?))
     }
 }
 

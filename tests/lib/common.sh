@@ -69,7 +69,8 @@ debian_module_closure() {
 }
 
 # make_busybox_initrd OUT INIT KDIR MODULE...
-# Builds a gzip'd cpio initrd: busybox (static) with its applets linked, INIT
+# Builds a gzip'd cpio initrd: busybox (static) with its applets linked,
+# bash (static, when SKIFF_INITRD_BASH names it) as /bin/bash, INIT
 # as /init, the given Debian modules and their dependencies under
 # /lib/modules/<release> (with a fresh modules.dep) and /etc/modules.order
 # listing them in load order.
@@ -87,6 +88,9 @@ make_busybox_initrd() {
     # The kernel runs /sbin/modprobe itself (request_module), e.g. for the
     # crypto algorithms a module asks for.
     ln -sf ../bin/busybox "$root/sbin/modprobe"
+    if [ -n "${SKIFF_INITRD_BASH:-}" ]; then
+        install -m 0755 "$SKIFF_INITRD_BASH" "$root/bin/bash"
+    fi
     install -m 0755 "$init" "$root/init"
     if [ -n "$kdir" ] && [ $# -gt 0 ]; then
         release="$(cat "$kdir/release")"

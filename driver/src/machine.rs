@@ -1,0 +1,675 @@
+//! One VM of a test: its `skiff-vmm` process, serial console and backdoor
+//! shell. The Python `Machine` class is built on this.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::description::ResolvedNode;
+use crate::report::logger;
+use crate::shell::{Shell, ShellError, Watcher, STDOUT_WARNING};
+
+/// How often a long wait says what it waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(15);
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes SIGTERM (and SIGINT, unless `keep_sigint`) stop every wait of the
+/// driver with an error, so the run unwinds and cleans up.
+pub fn catch_signals(keep_sigint: bool) -> std::io::Result<()> {
+    let mut signals = vec![signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP];
+    if !keep_sigint {
+        signals.push(signal_hook::consts::SIGINT);
+    }
+    for s in signals {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            signal_hook::low_level::register(s, || INTERRUPTED.store(true, Ordering::SeqCst))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the driver was asked to stop.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// A machine-level failure.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    #[error("{machine}: {message}")]
+    Failed { machine: String, message: String },
+    #[error("{machine}: cannot start skiff-vmm ({vmm}): {source}")]
+    Spawn {
+        machine: String,
+        vmm: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `skiff-vmm`'s exit status means (its documented codes).
+pub fn exit_meaning(code: i32) -> &'static str {
+    match code {
+        0 => "the guest powered off",
+        1 => "the VM could not start",
+        2 => "invalid skiff-vmm arguments",
+        3 => "the guest rebooted",
+        4 => "the guest kernel panicked",
+        5 => "the guest crashed",
+        137 => "killed",
+        _ => "unexpected exit",
+    }
+}
+
+#[derive(Default)]
+struct Console {
+    /// Lines not yet looked at by `wait_for_console_text`.
+    queue: VecDeque<String>,
+    /// Every line since the last start.
+    all: Vec<String>,
+}
+
+#[derive(Default)]
+struct ProcState {
+    /// The running VMM's pid.
+    pid: Option<i32>,
+    /// Its stdin (serial input).
+    stdin: Option<ChildStdin>,
+    /// Exit status of the last VMM run, once it ended.
+    exit: Option<i32>,
+    /// Restart the VMM when the guest reboots.
+    allow_reboot: bool,
+    /// Bumped at every (re)start; a shell from an older run is stale.
+    generation: u64,
+    /// Set while the machine is being released: no more restarts.
+    released: bool,
+}
+
+struct Inner {
+    name: String,
+    node: ResolvedNode,
+    vmm: PathBuf,
+    state_dir: PathBuf,
+    out_dir: PathBuf,
+    listener: Mutex<Option<UnixListener>>,
+    proc: Mutex<ProcState>,
+    exited: Condvar,
+    console: Mutex<Console>,
+    /// Connected shell and the VMM generation it belongs to.
+    shell: Mutex<Option<(Shell, u64)>>,
+}
+
+/// A machine; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Vm(Arc<Inner>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Children are spawned from one long-lived thread: PR_SET_PDEATHSIG fires
+/// when the spawning *thread* ends, and script threads may be short-lived.
+fn spawn(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the spawner thread");
+        Mutex::new(tx)
+    });
+    let (rtx, rrx) = mpsc::channel();
+    lock(tx)
+        .send((cmd, rtx))
+        .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
+    rrx.recv()
+        .map_err(|_| std::io::Error::other("spawner thread is gone"))?
+}
+
+impl Vm {
+    /// A machine for `node`; its state lives in `state_dir/vm-state-<name>`.
+    pub fn new(node: ResolvedNode, vmm: PathBuf, state_root: &Path, out_dir: &Path) -> Self {
+        Vm(Arc::new(Inner {
+            name: node.name.clone(),
+            state_dir: state_root.join(format!("vm-state-{}", node.name)),
+            node,
+            vmm,
+            out_dir: out_dir.to_owned(),
+            listener: Mutex::new(None),
+            proc: Mutex::new(ProcState::default()),
+            exited: Condvar::new(),
+            console: Mutex::new(Console::default()),
+            shell: Mutex::new(None),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.0.state_dir
+    }
+
+    fn fail(&self, message: impl Into<String>) -> MachineError {
+        MachineError::Failed {
+            machine: self.0.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// The VMM's pid while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        lock(&self.0.proc).pid
+    }
+
+    /// Whether a VMM runs.
+    pub fn booted(&self) -> bool {
+        self.pid().is_some()
+    }
+
+    /// Whether the shell is connected to the current VMM run.
+    pub fn connected(&self) -> bool {
+        let generation = lock(&self.0.proc).generation;
+        lock(&self.0.shell)
+            .as_ref()
+            .is_some_and(|(_, g)| *g == generation)
+    }
+
+    /// Exit status of the last VMM run.
+    pub fn last_exit(&self) -> Option<i32> {
+        lock(&self.0.proc).exit
+    }
+
+    /// Starts the VMM unless it runs; returns its pid. Does not wait for the
+    /// guest.
+    pub fn start(&self, allow_reboot: bool) -> Result<i32, MachineError> {
+        if let Some(pid) = self.pid() {
+            return Ok(pid);
+        }
+        let dir = &self.0.state_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| self.fail(format!("cannot create {}: {e}", dir.display())))?;
+        {
+            let mut l = lock(&self.0.listener);
+            if l.is_none() {
+                let path = dir.join("shell");
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path)
+                    .map_err(|e| self.fail(format!("cannot listen on {}: {e}", path.display())))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| self.fail(e.to_string()))?;
+                *l = Some(listener);
+            }
+        }
+        *lock(&self.0.console) = Console::default();
+        {
+            let mut p = lock(&self.0.proc);
+            p.allow_reboot = allow_reboot;
+            p.released = false;
+        }
+        let pid = self.spawn_vmm()?;
+        logger().log(
+            Some(&self.0.name),
+            &format!("skiff-vmm running (pid {pid})"),
+        );
+        Ok(pid)
+    }
+
+    fn spawn_vmm(&self) -> Result<i32, MachineError> {
+        let i = &self.0;
+        let mut cmd = Command::new(&i.vmm);
+        cmd.args(i.node.vmm_args())
+            .arg("--name")
+            .arg(&i.name)
+            .args(["--serial", "stdio", "--console"])
+            .arg(format!("socket={}", i.state_dir.join("shell").display()))
+            .current_dir(&i.state_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let log_path = i.out_dir.join(format!("{}.vmm.log", i.name));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| self.fail(format!("cannot open {}: {e}", log_path.display())))?;
+        cmd.stderr(log);
+        // SAFETY: the closure runs in the child between fork and exec and
+        // calls only async-signal-safe functions (prctl, setpgid).
+        unsafe {
+            cmd.pre_exec(|| {
+                // The VMM dies with the driver, whatever kills the driver.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its own process group: a terminal's Ctrl-C reaches the
+                // driver, which then stops the VMs in order.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let mut child = spawn(cmd).map_err(|source| MachineError::Spawn {
+            machine: i.name.clone(),
+            vmm: i.vmm.clone(),
+            source,
+        })?;
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take();
+        {
+            let mut p = lock(&i.proc);
+            p.pid = Some(pid);
+            p.stdin = child.stdin.take();
+            p.exit = None;
+            p.generation += 1;
+        }
+        if let Some(out) = stdout {
+            let vm = self.clone();
+            std::thread::Builder::new()
+                .name(format!("{}-serial", i.name))
+                .spawn(move || vm.read_serial(out))
+                .map_err(|e| self.fail(format!("cannot start the serial thread: {e}")))?;
+        }
+        let vm = self.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-wait", i.name))
+            .spawn(move || vm.watch(child))
+            .map_err(|e| self.fail(format!("cannot start the wait thread: {e}")))?;
+        Ok(pid)
+    }
+
+    /// Waits for the VMM to exit; restarts it after a guest reboot when
+    /// allowed.
+    fn watch(&self, mut child: Child) {
+        let status = child.wait();
+        let code = match status {
+            Ok(s) => s.code().unwrap_or_else(|| {
+                128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0)
+            }),
+            Err(_) => -1,
+        };
+        let restart = {
+            let mut p = lock(&self.0.proc);
+            p.pid = None;
+            p.stdin = None;
+            p.exit = Some(code);
+            code == 3 && p.allow_reboot && !p.released
+        };
+        let name = &self.0.name;
+        logger().log(
+            Some(name),
+            &format!(
+                "skiff-vmm exited with status {code} ({})",
+                exit_meaning(code)
+            ),
+        );
+        if restart {
+            logger().log(Some(name), "the guest rebooted; starting it again");
+            *lock(&self.0.console) = Console::default();
+            if let Err(e) = self.spawn_vmm() {
+                logger().error(Some(name), &e.to_string());
+            }
+        }
+        self.0.exited.notify_all();
+    }
+
+    fn read_serial(&self, out: impl std::io::Read) {
+        let name = self.0.name.clone();
+        let path = self.0.out_dir.join(format!("{name}.serial.log"));
+        let mut file: Option<File> = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o644)
+            .open(&path)
+            .ok();
+        let mut r = BufReader::new(out);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match r.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&raw)
+                .replace('\r', "")
+                .trim_end()
+                .to_owned();
+            if let Some(f) = file.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            logger().serial(&name, &line);
+            let mut c = lock(&self.0.console);
+            c.queue.push_back(line.clone());
+            c.all.push(line);
+        }
+    }
+
+    /// Takes the serial lines not yet consumed.
+    pub fn take_console_lines(&self) -> Vec<String> {
+        lock(&self.0.console).queue.drain(..).collect()
+    }
+
+    /// The serial console since the last start.
+    pub fn console_log(&self) -> String {
+        lock(&self.0.console).all.join("\n")
+    }
+
+    fn last_serial_lines(&self, n: usize) -> String {
+        let c = lock(&self.0.console);
+        let from = c.all.len().saturating_sub(n);
+        c.all[from..].join("\n")
+    }
+
+    /// Writes to the serial console's input.
+    pub fn send_console(&self, data: &[u8]) -> Result<(), MachineError> {
+        let mut p = lock(&self.0.proc);
+        let stdin = p
+            .stdin
+            .as_mut()
+            .ok_or_else(|| self.fail("the machine is not running"))?;
+        stdin
+            .write_all(data)
+            .and_then(|_| stdin.flush())
+            .map_err(|e| self.fail(format!("cannot write to the serial console: {e}")))
+    }
+
+    /// An error for a VMM that is gone, with the end of its serial console.
+    fn died(&self, what: &str) -> MachineError {
+        let code = self.last_exit().unwrap_or(-1);
+        self.fail(format!(
+            "skiff-vmm exited with status {code} ({}) while {what}; last serial lines:\n{}",
+            exit_meaning(code),
+            self.last_serial_lines(20)
+        ))
+    }
+
+    /// Waits for the backdoor banner (connecting the shell first), at most
+    /// `timeout` (default: the node's connect_timeout). Returns the seconds
+    /// it took.
+    pub fn connect(&self, timeout: Option<Duration>) -> Result<f64, MachineError> {
+        if self.connected() {
+            return Ok(0.0);
+        }
+        if !self.booted() {
+            self.start(false)?;
+        }
+        let generation = lock(&self.0.proc).generation;
+        let timeout = timeout.unwrap_or(Duration::from_secs(self.0.node.connect_timeout));
+        let started = Instant::now();
+        let name = self.0.name.clone();
+        logger().begin_nested(Some(&name), "waiting for the VM to finish booting");
+        let mut last_report = Instant::now();
+        let too_late = |vm: &Vm| {
+            vm.fail(format!(
+                "the guest root shell did not come up within {} s (no `Spawning backdoor root shell...` on hvc0; check backdoor.service); last serial lines:\n{}",
+                timeout.as_secs(),
+                vm.last_serial_lines(20)
+            ))
+        };
+        // The VMM connects to our socket as soon as it starts.
+        let stream = loop {
+            let accepted = lock(&self.0.listener)
+                .as_ref()
+                .ok_or_else(|| self.fail("no shell socket"))?
+                .accept();
+            match accepted {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !self.booted() {
+                        return Err(self.died("waiting for its console connection"));
+                    }
+                    if interrupted() {
+                        return Err(self.fail("the driver was interrupted"));
+                    }
+                    if started.elapsed() > timeout {
+                        return Err(too_late(self));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(self.fail(format!("accepting the shell connection: {e}"))),
+            }
+        };
+        let mut shell = Shell::new(stream).map_err(|e| self.fail(e.to_string()))?;
+        struct BannerWait<'a> {
+            vm: &'a Vm,
+            timeout: Duration,
+            last_report: &'a mut Instant,
+        }
+        impl Watcher for BannerWait<'_> {
+            fn tick(&mut self, waited: Duration) -> Result<(), String> {
+                if interrupted() {
+                    return Err(String::from("the driver was interrupted"));
+                }
+                if !self.vm.booted() {
+                    return Err(String::from("the VM exited"));
+                }
+                if waited > self.timeout {
+                    return Err(String::from("timeout"));
+                }
+                if self.last_report.elapsed() >= PROGRESS_EVERY {
+                    *self.last_report = Instant::now();
+                    logger().log(
+                        Some(self.vm.name()),
+                        &format!(
+                            "waiting for the guest root shell ({:.0}s)",
+                            waited.as_secs_f64()
+                        ),
+                    );
+                }
+                Ok(())
+            }
+        }
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let r = shell.wait_banner(&mut BannerWait {
+            vm: self,
+            timeout: remaining,
+            last_report: &mut last_report,
+        });
+        match r {
+            Ok(()) => {}
+            Err(ShellError::Stopped(why)) if why == "timeout" => return Err(too_late(self)),
+            Err(_) if !self.booted() => return Err(self.died("waiting for the guest root shell")),
+            Err(e) => return Err(self.fail(e.to_string())),
+        }
+        *lock(&self.0.shell) = Some((shell, generation));
+        logger().log(Some(&name), "connected to guest root shell");
+        logger().end_nested(
+            Some(&name),
+            "waiting for the VM to finish booting",
+            started.elapsed().as_secs_f64(),
+        );
+        let secs = started.elapsed().as_secs_f64();
+        logger().log(Some(&name), &format!("(connecting took {secs:.2} seconds)"));
+        Ok(secs)
+    }
+
+    /// Runs a command through the backdoor (connecting first). See
+    /// [`Shell::execute`].
+    pub fn execute(
+        &self,
+        command: &str,
+        check_return: bool,
+        check_output: bool,
+        timeout: Option<u64>,
+        stream: bool,
+    ) -> Result<(i32, Vec<u8>), MachineError> {
+        self.connect(None)?;
+        let mut guard = lock(&self.0.shell);
+        let generation = lock(&self.0.proc).generation;
+        let Some((shell, g)) = guard.as_mut().filter(|(_, g)| *g == generation) else {
+            return Err(self.fail("the guest shell is not connected"));
+        };
+        debug_assert_eq!(*g, generation);
+        struct CommandWait<'a> {
+            vm: &'a Vm,
+            command: &'a str,
+            warned: bool,
+            last_report: Instant,
+            line: Vec<u8>,
+        }
+        impl Watcher for CommandWait<'_> {
+            fn tick(&mut self, waited: Duration) -> Result<(), String> {
+                if interrupted() {
+                    return Err(String::from("the driver was interrupted"));
+                }
+                if !self.vm.booted() {
+                    return Err(String::from("the VM exited"));
+                }
+                if !self.warned && waited >= STDOUT_WARNING {
+                    self.warned = true;
+                    self.last_report = Instant::now();
+                    logger().warning(
+                        Some(self.vm.name()),
+                        &format!(
+                            "command `{}` has not closed its stdout after {} s: it is still running, or a background process it started keeps stdout open (redirect that process's output, e.g. `cmd >/dev/null 2>&1 &`)",
+                            self.command,
+                            STDOUT_WARNING.as_secs()
+                        ),
+                    );
+                } else if self.warned && self.last_report.elapsed() >= PROGRESS_EVERY {
+                    self.last_report = Instant::now();
+                    logger().log(
+                        Some(self.vm.name()),
+                        &format!(
+                            "waiting for `{}` to finish ({:.0}s)",
+                            self.command,
+                            waited.as_secs_f64()
+                        ),
+                    );
+                }
+                Ok(())
+            }
+            fn output(&mut self, chunk: &[u8]) {
+                self.line.extend_from_slice(chunk);
+                while let Some(i) = self.line.iter().position(|&b| b == b'\n') {
+                    let l: Vec<u8> = self.line.drain(..=i).collect();
+                    logger().log(
+                        Some(self.vm.name()),
+                        &format!("| {}", String::from_utf8_lossy(&l[..l.len() - 1])),
+                    );
+                }
+            }
+        }
+        let mut w = CommandWait {
+            vm: self,
+            command,
+            warned: false,
+            last_report: Instant::now(),
+            line: Vec::new(),
+        };
+        let r = shell.execute(command, check_return, check_output, timeout, stream, &mut w);
+        if stream && !w.line.is_empty() {
+            logger().log(
+                Some(self.name()),
+                &format!("| {}", String::from_utf8_lossy(&w.line)),
+            );
+        }
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                *guard = None;
+                drop(guard);
+                if !self.booted()
+                    || matches!(e, ShellError::Closed)
+                        && self.wait_exit(Some(Duration::from_secs(2))).is_some()
+                {
+                    Err(self.died(&format!("running `{command}`")))
+                } else {
+                    Err(self.fail(format!("running `{command}`: {e}")))
+                }
+            }
+        }
+    }
+
+    /// Time the current shell connection spent waiting for the guest.
+    pub fn guest_wait(&self) -> Duration {
+        lock(&self.0.shell)
+            .as_ref()
+            .map(|(s, _)| s.waited)
+            .unwrap_or_default()
+    }
+
+    /// Writes raw bytes to the shell (no framing, no reply), as
+    /// `shutdown()` does with `poweroff\n`.
+    pub fn send_shell_raw(&self, data: &[u8]) -> Result<(), MachineError> {
+        self.connect(None)?;
+        let mut guard = lock(&self.0.shell);
+        let (shell, _) = guard
+            .as_mut()
+            .ok_or_else(|| self.fail("the guest shell is not connected"))?;
+        shell
+            .send_raw(data)
+            .map_err(|e| self.fail(format!("writing to the guest shell: {e}")))
+    }
+
+    /// Forgets the shell connection (after a reboot request the next
+    /// command waits for a fresh banner).
+    pub fn disconnect(&self) {
+        *lock(&self.0.shell) = None;
+    }
+
+    /// Waits until no VMM runs (a reboot restart counts as running), at
+    /// most `timeout`. Returns the exit status, or None on timeout.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<i32> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut p = lock(&self.0.proc);
+        loop {
+            if p.pid.is_none() {
+                return Some(p.exit.unwrap_or(0));
+            }
+            let wait = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(t) => t.min(Duration::from_millis(500)),
+                    None => return None,
+                },
+                None => Duration::from_millis(500),
+            };
+            p = self
+                .0
+                .exited
+                .wait_timeout(p, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Sends `signal` to the VMM if it runs.
+    pub fn signal(&self, signal: i32) {
+        let p = lock(&self.0.proc);
+        if let Some(pid) = p.pid {
+            // SAFETY: kill() only sends a signal; pid is our live child
+            // (the wait thread clears it under this lock once reaped).
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// Kills the VMM and forgets the shell; no restart follows.
+    pub fn release(&self) {
+        lock(&self.0.proc).released = true;
+        self.signal(libc::SIGKILL);
+        let _ = self.wait_exit(Some(Duration::from_secs(10)));
+        *lock(&self.0.shell) = None;
+    }
+}

@@ -1,0 +1,221 @@
+//! `skiff`: runs NixOS-style VM tests on skiff-vmm.
+
+mod description;
+mod machine;
+mod python;
+mod report;
+mod shell;
+mod suite;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use description::Description;
+use machine::Vm;
+use report::logger;
+
+#[derive(Parser)]
+#[command(
+    name = "skiff",
+    version,
+    about = "Fast, headless NixOS-style VM tests on skiff-vmm"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run test descriptions (JSON or TOML) and their Python test scripts.
+    Test(TestArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct TestArgs {
+    /// Test descriptions; several run in parallel (see --jobs).
+    #[arg(required = true, value_name = "DESCRIPTION")]
+    descriptions: Vec<PathBuf>,
+    /// Use this test script instead of the description's (one test only).
+    #[arg(long, value_name = "FILE")]
+    script: Option<PathBuf>,
+    /// Where logs, reports and copied files go [default: ./skiff-out/<test-name>;
+    /// with several tests, ./skiff-out/ holds one directory per test].
+    #[arg(long, short = 'o', value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Keep the state directory (sockets) after the run.
+    #[arg(long, short = 'K')]
+    keep_state: bool,
+    /// Open a Python REPL with the machines defined and none started.
+    #[arg(long, short = 'I')]
+    interactive: bool,
+    /// Tests to run at once [default: what fits the host's cores and memory].
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
+    /// Stop the whole run after this many seconds [default: the
+    /// description's global_timeout, else 3600].
+    #[arg(long, value_name = "SECONDS")]
+    global_timeout: Option<u64>,
+    /// The skiff-vmm binary [default: next to skiff, else on PATH].
+    #[arg(long, value_name = "PATH", env = "SKIFF_VMM")]
+    vmm: Option<PathBuf>,
+}
+
+fn find_vmm(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        if !p.is_file() {
+            bail!("skiff-vmm {} does not exist", p.display());
+        }
+        return Ok(p.to_owned());
+    }
+    let exe = std::env::current_exe().context("finding the skiff binary")?;
+    if let Some(dir) = exe.parent() {
+        let p = dir.join("skiff-vmm");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join("skiff-vmm");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("cannot find skiff-vmm next to skiff or on PATH; pass --vmm PATH")
+}
+
+fn state_root(test_name: &str) -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("skiff-{}-{test_name}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs one test in this process; returns its exit status.
+fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
+    let desc = Description::load(path, args.script.as_deref())?;
+    // A script that does not compile fails before any VM starts.
+    if let Err(e) = python::check_syntax(&desc.script, &desc.script_name) {
+        bail!("the test script has a syntax error: {}", e.0);
+    }
+    let vmm = find_vmm(args.vmm.as_deref())?;
+    let out_dir = match &args.output_dir {
+        Some(d) => d.clone(),
+        None => PathBuf::from("skiff-out").join(&desc.name),
+    };
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating the output directory {}", out_dir.display()))?;
+    let out_dir = out_dir.canonicalize()?;
+    logger()
+        .open(&desc.name, &out_dir)
+        .with_context(|| format!("writing the event log in {}", out_dir.display()))?;
+    machine::catch_signals(args.interactive).context("installing signal handlers")?;
+    let state = state_root(&desc.name)?;
+    let machines: Vec<(Vm, String)> = desc
+        .nodes
+        .values()
+        .map(|n| {
+            (
+                Vm::new(n.clone(), vmm.clone(), &state, &out_dir),
+                n.python_name.clone(),
+            )
+        })
+        .collect();
+    logger().log(
+        None,
+        &format!(
+            "test {}: {} machine(s), output in {}",
+            desc.name,
+            machines.len(),
+            out_dir.display()
+        ),
+    );
+    if args.keep_state {
+        logger().log(None, &format!("state kept in {}", state.display()));
+    } else {
+        logger().log(
+            None,
+            "Machine state will be reset. To keep it, pass --keep-state",
+        );
+    }
+
+    // The global timeout stops everything, whatever the script is doing.
+    let timeout = args.global_timeout.unwrap_or(desc.global_timeout);
+    {
+        let vms: Vec<Vm> = machines.iter().map(|(v, _)| v.clone()).collect();
+        let state = state.clone();
+        let keep = args.keep_state;
+        std::thread::Builder::new()
+            .name("global-timeout".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_secs(timeout));
+                logger().error(None, "timeout reached; test terminating...");
+                for vm in &vms {
+                    vm.release();
+                }
+                let _ = logger().finish(Some(&format!("global timeout of {timeout} s reached")));
+                if !keep {
+                    let _ = std::fs::remove_dir_all(&state);
+                }
+                std::process::exit(1);
+            })?;
+    }
+
+    let vms: Vec<Vm> = machines.iter().map(|(v, _)| v.clone()).collect();
+    let result = python::run(python::RunSpec {
+        test_name: &desc.name,
+        script: &desc.script,
+        script_name: &desc.script_name,
+        out_dir: &out_dir,
+        state_dir: &state,
+        interactive: args.interactive,
+        machines,
+    });
+    for vm in &vms {
+        vm.release();
+    }
+    if !args.keep_state {
+        let _ = std::fs::remove_dir_all(&state);
+    }
+    let status = match &result {
+        Ok(0) => {
+            logger().finish(None)?;
+            0
+        }
+        Ok(n) => {
+            logger().finish(Some("the test script failed"))?;
+            u8::try_from(*n).unwrap_or(1).max(1)
+        }
+        Err(e) => {
+            logger().finish(Some(&e.to_string()))?;
+            1
+        }
+    };
+    result?;
+    Ok(status)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Test(args) = cli.command;
+    let r = if args.descriptions.len() == 1 && args.jobs.is_none() {
+        run_one(&args, &args.descriptions[0])
+    } else {
+        suite::run(&args)
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("skiff: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The embedded interpreter: a `_skiff` module with the Rust side of each
+//! machine and the logger, and `driver.py`, which builds the NixOS test API
+//! on them and runs the script.
+
+use std::ffi::CString;
+use std::path::Path;
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyModule};
+
+use crate::machine::{interrupted, MachineError as RustMachineError, Vm};
+use crate::report::logger;
+
+create_exception!(
+    _skiff,
+    MachineError,
+    PyException,
+    "A machine or driver failure (not a failed assertion)."
+);
+
+fn err(e: RustMachineError) -> PyErr {
+    MachineError::new_err(e.to_string())
+}
+
+/// The Rust side of one machine.
+#[pyclass(frozen, name = "VmCore", module = "_skiff")]
+struct VmCore {
+    vm: Vm,
+    python_name: String,
+}
+
+#[pymethods]
+impl VmCore {
+    #[getter]
+    fn name(&self) -> &str {
+        self.vm.name()
+    }
+
+    #[getter]
+    fn python_name(&self) -> &str {
+        &self.python_name
+    }
+
+    #[getter]
+    fn pid(&self) -> Option<i32> {
+        self.vm.pid()
+    }
+
+    #[getter]
+    fn booted(&self) -> bool {
+        self.vm.booted()
+    }
+
+    #[getter]
+    fn connected(&self) -> bool {
+        self.vm.connected()
+    }
+
+    #[getter]
+    fn state_dir(&self) -> String {
+        self.vm.state_dir().display().to_string()
+    }
+
+    #[getter]
+    fn last_exit(&self) -> Option<i32> {
+        self.vm.last_exit()
+    }
+
+    /// Seconds the shell has spent waiting for the guest.
+    #[getter]
+    fn guest_wait(&self) -> f64 {
+        self.vm.guest_wait().as_secs_f64()
+    }
+
+    fn start(&self, py: Python<'_>, allow_reboot: bool) -> PyResult<i32> {
+        py.detach(|| self.vm.start(allow_reboot)).map_err(err)
+    }
+
+    #[pyo3(signature = (timeout=None))]
+    fn connect(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<f64> {
+        let t = timeout.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        py.detach(|| self.vm.connect(t)).map_err(err)
+    }
+
+    #[pyo3(signature = (command, check_return=true, check_output=true, timeout=None, stream=false))]
+    fn execute<'py>(
+        &self,
+        py: Python<'py>,
+        command: &str,
+        check_return: bool,
+        check_output: bool,
+        timeout: Option<u64>,
+        stream: bool,
+    ) -> PyResult<(i32, Bound<'py, PyBytes>)> {
+        let (status, out) = py
+            .detach(|| {
+                self.vm
+                    .execute(command, check_return, check_output, timeout, stream)
+            })
+            .map_err(err)?;
+        Ok((status, PyBytes::new(py, &out)))
+    }
+
+    fn send_shell_raw(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        py.detach(|| self.vm.send_shell_raw(data)).map_err(err)
+    }
+
+    fn send_console(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        py.detach(|| self.vm.send_console(data)).map_err(err)
+    }
+
+    fn disconnect(&self) {
+        self.vm.disconnect()
+    }
+
+    /// Waits for the VMM to end; None on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_exit(&self, py: Python<'_>, timeout: Option<f64>) -> Option<i32> {
+        let t = timeout.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        py.detach(|| self.vm.wait_exit(t))
+    }
+
+    fn kill(&self) {
+        self.vm.signal(libc::SIGKILL)
+    }
+
+    fn release(&self, py: Python<'_>) {
+        py.detach(|| self.vm.release())
+    }
+
+    fn take_console_lines(&self) -> Vec<String> {
+        self.vm.take_console_lines()
+    }
+
+    fn console_log(&self) -> String {
+        self.vm.console_log()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<VmCore '{}'>", self.vm.name())
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (msg, machine=None))]
+fn log(msg: &str, machine: Option<&str>) {
+    logger().log(machine, msg)
+}
+
+#[pyfunction]
+#[pyo3(signature = (msg, machine=None))]
+fn warning(msg: &str, machine: Option<&str>) {
+    logger().warning(machine, msg)
+}
+
+#[pyfunction]
+#[pyo3(signature = (msg, machine=None))]
+fn error(msg: &str, machine: Option<&str>) {
+    logger().error(machine, msg)
+}
+
+#[pyfunction]
+#[pyo3(signature = (msg, machine=None))]
+fn begin_nested(msg: &str, machine: Option<&str>) {
+    logger().begin_nested(machine, msg)
+}
+
+#[pyfunction]
+#[pyo3(signature = (msg, seconds, machine=None))]
+fn end_nested(msg: &str, seconds: f64, machine: Option<&str>) {
+    logger().end_nested(machine, msg, seconds)
+}
+
+#[pyfunction]
+fn subtest_begin(name: &str) {
+    logger().subtest_begin(name)
+}
+
+#[pyfunction]
+#[pyo3(signature = (failure=None))]
+fn subtest_end(failure: Option<&str>) {
+    logger().subtest_end(failure)
+}
+
+#[pyfunction]
+fn set_serial_stdout(on: bool) {
+    logger().set_serial_stdout(on)
+}
+
+#[pyfunction(name = "interrupted")]
+fn py_interrupted() -> bool {
+    interrupted()
+}
+
+/// Builds `_skiff` and registers it in `sys.modules`.
+fn skiff_module(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    let m = PyModule::new(py, "_skiff")?;
+    m.add_class::<VmCore>()?;
+    m.add("MachineError", py.get_type::<MachineError>())?;
+    m.add_function(wrap_pyfunction!(log, &m)?)?;
+    m.add_function(wrap_pyfunction!(warning, &m)?)?;
+    m.add_function(wrap_pyfunction!(error, &m)?)?;
+    m.add_function(wrap_pyfunction!(begin_nested, &m)?)?;
+    m.add_function(wrap_pyfunction!(end_nested, &m)?)?;
+    m.add_function(wrap_pyfunction!(subtest_begin, &m)?)?;
+    m.add_function(wrap_pyfunction!(subtest_end, &m)?)?;
+    m.add_function(wrap_pyfunction!(set_serial_stdout, &m)?)?;
+    m.add_function(wrap_pyfunction!(py_interrupted, &m)?)?;
+    py.import("sys")?
+        .getattr("modules")?
+        .set_item("_skiff", &m)?;
+    Ok(m)
+}
+
+const DRIVER_PY: &str = include_str!("driver.py");
+
+/// Where a script's syntax is wrong.
+#[derive(Debug)]
+pub struct SyntaxProblem(pub String);
+
+/// Compiles `script` without running it; a syntax error comes back with
+/// its line and column.
+pub fn check_syntax(script: &str, name: &str) -> Result<(), SyntaxProblem> {
+    Python::attach(|py| {
+        let builtins = py
+            .import("builtins")
+            .map_err(|e| SyntaxProblem(e.to_string()))?;
+        match builtins
+            .getattr("compile")
+            .and_then(|c| c.call1((script, name, "exec")))
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let v = e.value(py);
+                let get = |a: &str| {
+                    v.getattr(a)
+                        .ok()
+                        .filter(|x| !x.is_none())
+                        .map(|x| x.to_string())
+                };
+                let msg = get("msg").unwrap_or_else(|| e.to_string());
+                let line = get("lineno").unwrap_or_else(|| "?".into());
+                let col = get("offset").unwrap_or_else(|| "?".into());
+                let text = get("text").unwrap_or_default();
+                Err(SyntaxProblem(format!(
+                    "{name}, line {line}, column {col}: {} : {msg}\n    {}",
+                    e.get_type(py)
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|_| "SyntaxError".into()),
+                    text.trim_end()
+                )))
+            }
+        }
+    })
+}
+
+/// What the script run needs.
+pub struct RunSpec<'a> {
+    pub test_name: &'a str,
+    pub script: &'a str,
+    pub script_name: &'a str,
+    pub out_dir: &'a Path,
+    pub state_dir: &'a Path,
+    pub interactive: bool,
+    /// (machine, pythonized name) in node order.
+    pub machines: Vec<(Vm, String)>,
+}
+
+/// Runs the test script (or the REPL); returns the exit status.
+pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
+    Python::attach(|py| -> anyhow::Result<i32> {
+        skiff_module(py)?;
+        let code = CString::new(DRIVER_PY)?;
+        let module = PyModule::from_code(py, &code, c"skiff_driver.py", c"skiff_driver")?;
+        let cores: Vec<Py<VmCore>> = spec
+            .machines
+            .into_iter()
+            .map(|(vm, python_name)| Py::new(py, VmCore { vm, python_name }))
+            .collect::<PyResult<_>>()?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("test_name", spec.test_name)?;
+        kwargs.set_item("script", spec.script)?;
+        kwargs.set_item("script_name", spec.script_name)?;
+        kwargs.set_item("out_dir", spec.out_dir.display().to_string())?;
+        kwargs.set_item("state_dir", spec.state_dir.display().to_string())?;
+        kwargs.set_item("interactive", spec.interactive)?;
+        kwargs.set_item("cores", cores)?;
+        let status = module
+            .getattr("main")?
+            .call((), Some(&kwargs))
+            .map_err(|e| {
+                e.print(py);
+                anyhow::anyhow!("the Python driver failed")
+            })?;
+        Ok(status.extract()?)
+    })
+}

@@ -95,6 +95,8 @@ struct ProcState {
     generation: u64,
     /// Set while the machine is being released: no more restarts.
     released: bool,
+    /// The guest rebooted and a new VMM is being started.
+    restarting: bool,
 }
 
 struct Inner {
@@ -148,6 +150,10 @@ fn spawn(cmd: Command) -> std::io::Result<Child> {
 impl Vm {
     /// A machine for `node`; its state lives in `state_dir/vm-state-<name>`.
     pub fn new(node: ResolvedNode, vmm: PathBuf, state_root: &Path, out_dir: &Path) -> Self {
+        // Logs of an earlier run in the same output directory go.
+        for log in ["serial.log", "vmm.log"] {
+            let _ = std::fs::remove_file(out_dir.join(format!("{}.{log}", node.name)));
+        }
         Vm(Arc::new(Inner {
             name: node.name.clone(),
             state_dir: state_root.join(format!("vm-state-{}", node.name)),
@@ -184,12 +190,19 @@ impl Vm {
 
     /// Whether a VMM runs.
     pub fn booted(&self) -> bool {
-        self.pid().is_some()
+        let p = lock(&self.0.proc);
+        p.pid.is_some() || p.restarting
     }
 
     /// Whether the shell is connected to the current VMM run.
     pub fn connected(&self) -> bool {
-        let generation = lock(&self.0.proc).generation;
+        let (generation, running) = {
+            let p = lock(&self.0.proc);
+            (p.generation, p.pid.is_some())
+        };
+        if !running {
+            return false;
+        }
         lock(&self.0.shell)
             .as_ref()
             .is_some_and(|(_, g)| *g == generation)
@@ -283,6 +296,7 @@ impl Vm {
             p.pid = Some(pid);
             p.stdin = child.stdin.take();
             p.exit = None;
+            p.restarting = false;
             p.generation += 1;
         }
         if let Some(out) = stdout {
@@ -315,7 +329,8 @@ impl Vm {
             p.pid = None;
             p.stdin = None;
             p.exit = Some(code);
-            code == 3 && p.allow_reboot && !p.released
+            p.restarting = code == 3 && p.allow_reboot && !p.released;
+            p.restarting
         };
         let name = &self.0.name;
         logger().log(
@@ -329,6 +344,7 @@ impl Vm {
             logger().log(Some(name), "the guest rebooted; starting it again");
             *lock(&self.0.console) = Console::default();
             if let Err(e) = self.spawn_vmm() {
+                lock(&self.0.proc).restarting = false;
                 logger().error(Some(name), &e.to_string());
             }
         }
@@ -415,7 +431,6 @@ impl Vm {
         if !self.booted() {
             self.start(false)?;
         }
-        let generation = lock(&self.0.proc).generation;
         let timeout = timeout.unwrap_or(Duration::from_secs(self.0.node.connect_timeout));
         let started = Instant::now();
         let name = self.0.name.clone();
@@ -428,71 +443,78 @@ impl Vm {
                 vm.last_serial_lines(20)
             ))
         };
-        // The VMM connects to our socket as soon as it starts.
-        let stream = loop {
-            let accepted = lock(&self.0.listener)
-                .as_ref()
-                .ok_or_else(|| self.fail("no shell socket"))?
-                .accept();
-            match accepted {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !self.booted() {
-                        return Err(self.died("waiting for its console connection"));
+        // The VMM connects to our socket as soon as it starts. A VMM whose
+        // connection we dropped (after a reboot request) reconnects before
+        // it exits: a connection that closes before the banner is retried.
+        let (shell, generation) = loop {
+            let stream = loop {
+                let accepted = lock(&self.0.listener)
+                    .as_ref()
+                    .ok_or_else(|| self.fail("no shell socket"))?
+                    .accept();
+                match accepted {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if !self.booted() {
+                            return Err(self.died("waiting for its console connection"));
+                        }
+                        if interrupted() {
+                            return Err(self.fail("the driver was interrupted"));
+                        }
+                        if started.elapsed() > timeout {
+                            return Err(too_late(self));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
                     }
-                    if interrupted() {
-                        return Err(self.fail("the driver was interrupted"));
-                    }
-                    if started.elapsed() > timeout {
-                        return Err(too_late(self));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+                    Err(e) => return Err(self.fail(format!("accepting the shell connection: {e}"))),
                 }
-                Err(e) => return Err(self.fail(format!("accepting the shell connection: {e}"))),
+            };
+            let mut shell = Shell::new(stream).map_err(|e| self.fail(e.to_string()))?;
+            struct BannerWait<'a> {
+                vm: &'a Vm,
+                timeout: Duration,
+                last_report: &'a mut Instant,
+            }
+            impl Watcher for BannerWait<'_> {
+                fn tick(&mut self, waited: Duration) -> Result<(), String> {
+                    if interrupted() {
+                        return Err(String::from("the driver was interrupted"));
+                    }
+                    if !self.vm.booted() {
+                        return Err(String::from("the VM exited"));
+                    }
+                    if waited > self.timeout {
+                        return Err(String::from("timeout"));
+                    }
+                    if self.last_report.elapsed() >= PROGRESS_EVERY {
+                        *self.last_report = Instant::now();
+                        logger().log(
+                            Some(self.vm.name()),
+                            &format!(
+                                "waiting for the guest root shell ({:.0}s)",
+                                waited.as_secs_f64()
+                            ),
+                        );
+                    }
+                    Ok(())
+                }
+            }
+            let remaining = timeout.saturating_sub(started.elapsed());
+            let r = shell.wait_banner(&mut BannerWait {
+                vm: self,
+                timeout: remaining,
+                last_report: &mut last_report,
+            });
+            match r {
+                Ok(()) => break (shell, lock(&self.0.proc).generation),
+                Err(ShellError::Stopped(why)) if why == "timeout" => return Err(too_late(self)),
+                Err(ShellError::Closed) if self.booted() => continue,
+                Err(_) if !self.booted() => {
+                    return Err(self.died("waiting for the guest root shell"))
+                }
+                Err(e) => return Err(self.fail(e.to_string())),
             }
         };
-        let mut shell = Shell::new(stream).map_err(|e| self.fail(e.to_string()))?;
-        struct BannerWait<'a> {
-            vm: &'a Vm,
-            timeout: Duration,
-            last_report: &'a mut Instant,
-        }
-        impl Watcher for BannerWait<'_> {
-            fn tick(&mut self, waited: Duration) -> Result<(), String> {
-                if interrupted() {
-                    return Err(String::from("the driver was interrupted"));
-                }
-                if !self.vm.booted() {
-                    return Err(String::from("the VM exited"));
-                }
-                if waited > self.timeout {
-                    return Err(String::from("timeout"));
-                }
-                if self.last_report.elapsed() >= PROGRESS_EVERY {
-                    *self.last_report = Instant::now();
-                    logger().log(
-                        Some(self.vm.name()),
-                        &format!(
-                            "waiting for the guest root shell ({:.0}s)",
-                            waited.as_secs_f64()
-                        ),
-                    );
-                }
-                Ok(())
-            }
-        }
-        let remaining = timeout.saturating_sub(started.elapsed());
-        let r = shell.wait_banner(&mut BannerWait {
-            vm: self,
-            timeout: remaining,
-            last_report: &mut last_report,
-        });
-        match r {
-            Ok(()) => {}
-            Err(ShellError::Stopped(why)) if why == "timeout" => return Err(too_late(self)),
-            Err(_) if !self.booted() => return Err(self.died("waiting for the guest root shell")),
-            Err(e) => return Err(self.fail(e.to_string())),
-        }
         *lock(&self.0.shell) = Some((shell, generation));
         logger().log(Some(&name), "connected to guest root shell");
         logger().end_nested(
@@ -636,7 +658,7 @@ impl Vm {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut p = lock(&self.0.proc);
         loop {
-            if p.pid.is_none() {
+            if p.pid.is_none() && !p.restarting {
                 return Some(p.exit.unwrap_or(0));
             }
             let wait = match deadline {
@@ -668,8 +690,13 @@ impl Vm {
     /// Kills the VMM and forgets the shell; no restart follows.
     pub fn release(&self) {
         lock(&self.0.proc).released = true;
-        self.signal(libc::SIGKILL);
-        let _ = self.wait_exit(Some(Duration::from_secs(10)));
+        // A reboot restart may have been under way: kill what runs then.
+        for _ in 0..3 {
+            self.signal(libc::SIGKILL);
+            if self.wait_exit(Some(Duration::from_secs(10))).is_some() {
+                break;
+            }
+        }
         *lock(&self.0.shell) = None;
     }
 }

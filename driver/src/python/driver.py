@@ -536,24 +536,27 @@ class Machine:
         self._push_bytes(data, "cat > " + shlex.quote(target))
 
     def copy_from_host(self, source, target):
-        """Copies a host file or directory into the guest (through the
-        shell: skiff guests have no shared folder). Mode bits are kept; the
-        owner becomes root."""
+        """Copies a host file or directory into the guest as `cp -r` would
+        (through the shell: skiff guests have no shared folder). Mode bits
+        are kept; the owner becomes root."""
         source = os.fspath(source)
         if not os.path.exists(source):
             raise MachineError(f"{self.name}: copy_from_host: {source} does not exist")
+        name = os.path.basename(os.path.normpath(source))
+
+        def as_root(info):
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            return info
+
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            tar.add(source, arcname=".")
+            tar.add(source, arcname=name, filter=as_root)
+        tmp = "/tmp/.skiff-copy-" + str(os.getpid())
         q = shlex.quote(target)
-        if os.path.isdir(source):
-            self.succeed(f"mkdir -p {q}")
-            self._push_bytes(buf.getvalue(), f"tar --no-same-owner -xzf - -C {q}")
-        else:
-            tmp = "/tmp/.skiff-file-" + str(os.getpid())
-            self.succeed(f"rm -rf {tmp}; mkdir -p {tmp} $(dirname {q})")
-            self._push_bytes(buf.getvalue(), f"tar --no-same-owner -xzf - -C {tmp}")
-            self.succeed(f"mv {tmp}/. {q} 2>/dev/null || mv {tmp}/* {q}; rm -rf {tmp}")
+        self.succeed(f"rm -rf {tmp}; mkdir -p {tmp} $(dirname {q})")
+        self._push_bytes(buf.getvalue(), f"tar -xzf - -C {tmp}")
+        self.succeed(f"cp -r {tmp}/{shlex.quote(name)} {q}; rm -rf {tmp}")
 
     def copy_from_machine(self, source, target_dir=""):
         """Copies a guest file or directory to <out_dir>/<target_dir>/."""
@@ -570,7 +573,7 @@ class Machine:
         dest = os.path.abspath(os.path.join(self.out_dir, target_dir))
         os.makedirs(dest, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(dest, filter="data")
+            _extract(tar, dest)
 
     copy_from_vm = copy_from_machine
 
@@ -692,6 +695,21 @@ class Machine:
 
 
 BaseMachine = Machine
+
+
+def _extract(tar, dest):
+    """Extracts a guest-made archive; nothing may land outside dest."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = os.path.realpath(dest)
+    for member in tar.getmembers():
+        target = os.path.realpath(os.path.join(dest, member.name))
+        if os.path.commonpath([root, target]) != root or member.isdev():
+            raise MachineError(f"refusing to extract {member.name!r} from the guest's archive")
+        if (member.issym() or member.islnk()) and os.path.isabs(member.linkname):
+            raise MachineError(f"refusing to extract the absolute link {member.name!r}")
+    tar.extractall(dest)
 
 
 def _command_failed(machine, command, output, message):

@@ -23,8 +23,9 @@ timing each with time.perf_counter, before the shutdown.
 
 Prints one JSON object on stdout: wall-clock times (time.time()) of the
 harness start, the backdoor banner, multi-user.target active and QEMU's
-exit, QEMU's exit status, and with --commands the per-call seconds and the
-seconds spent blocked waiting for the guest during the loop.
+exit, QEMU's exit status, and with --commands the per-call seconds, the
+seconds spent blocked waiting for the guest during the loop and the CPU
+seconds this process used during it.
 """
 
 import argparse
@@ -158,12 +159,14 @@ def main():
         if args.commands:
             times = []
             waited0 = shell.waited
+            cpu0 = time.process_time()
             loop_start = time.perf_counter()
             for _ in range(args.commands):
                 t = time.perf_counter()
                 shell.succeed("true")
                 times.append(time.perf_counter() - t)
             result["loop_seconds"] = time.perf_counter() - loop_start
+            result["loop_cpu"] = time.process_time() - cpu0
             result["loop_guest_wait"] = shell.waited - waited0
             result["call_seconds"] = times
         conn.sendall(b"poweroff\n")

@@ -51,7 +51,8 @@ with subtest("systemd units"):
     raises('unit "doomed.service" reached state "failed"',
            lambda: server.wait_for_unit("doomed.service", timeout=30))
     server.wait_for_open_unix_socket("/run/systemd/private")
-    raises("retrieving systemctl info", lambda: server.get_unit_info("no such unit"))
+    raises('retrieving systemctl info for unit "x.service" under user "nosuchuser"',
+           lambda: server.get_unit_info("x.service", user="nosuchuser"))
 
 with subtest("waiting"):
     server.succeed("(sleep 3; touch /run/flag) >/dev/null 2>&1 &")

@@ -60,39 +60,50 @@ pub fn fixtures() -> Fixtures {
     f
 }
 
+/// Builds `bin` of `package` in the profile these tests run under and
+/// returns its path.
+fn build_bin(package: &str, bin: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps")
+        .to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    let path = profile_dir.join(bin);
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
 /// The `skiff-vmm` binary, built on first use (`SKIFF_VMM` overrides).
 pub fn skiff_vmm() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("SKIFF_VMM") {
+        Some(p) => PathBuf::from(p),
+        None => build_bin("skiff-vmm", "skiff-vmm"),
+    })
+    .clone()
+}
+
+/// The `skiff` driver binary, built on first use, with `skiff-vmm` next
+/// to it.
+pub fn skiff_driver() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SKIFF_VMM") {
-            return PathBuf::from(p);
-        }
-        // Test executables live in target/<profile>/deps.
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary in target/<profile>/deps")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root()).args([
-            "build",
-            "--quiet",
-            "-p",
-            "skiff-vmm",
-            "--bin",
-            "skiff-vmm",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build for skiff-vmm");
-        assert!(status.success(), "cargo build -p skiff-vmm failed");
-        let bin = profile_dir.join("skiff-vmm");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
+        let vmm = build_bin("skiff-vmm", "skiff-vmm");
+        let skiff = build_bin("skiff-driver", "skiff");
+        assert_eq!(vmm.parent(), skiff.parent());
+        skiff
     })
     .clone()
 }
@@ -252,7 +263,8 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn shell_quote(s: &str) -> String {
+/// Single-quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

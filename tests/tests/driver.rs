@@ -1,0 +1,224 @@
+//! `skiff test` end to end: NixOS-style test scripts (tests/nixos/) run
+//! through the driver against real guests, in the test host or directly.
+
+use std::path::Path;
+
+use skiff_tests::{
+    cache_dir, fixtures, run_batch, scratch_dir, shell_quote, skiff_driver, workspace_root,
+    VmOutcome, VmSpec,
+};
+
+/// A `skiff test ARGS` run through `sh`, with its output (stdout and
+/// stderr) as the outcome's serial text. Afterwards the script reports
+/// `exit=N`, any skiff-vmm still running from this run and anything left in
+/// its TMPDIR (state dirs, sockets).
+fn skiff_run(name: &str, args: &str, out_dir: &Path, timeout_s: u64) -> VmSpec {
+    let tmp = format!("/tmp/skiff-t-{name}-{}", std::process::id());
+    let script = format!(
+        "cd {ws} && rm -rf {tmp} && mkdir -p {tmp} && \
+         SKIFF_GUEST={guest} TMPDIR={tmp} NO_COLOR=1 {skiff} test {args} -o {out} 2>&1; \
+         echo \"exit=$?\"; \
+         pgrep -f {tmp} >/dev/null && echo LEFTOVER-PROCESS; \
+         ls -A {tmp} | sed 's/^/LEFTOVER-STATE /'; \
+         rm -rf {tmp}",
+        ws = shell_quote(&workspace_root().display().to_string()),
+        guest = shell_quote(&cache_dir().join("guest").display().to_string()),
+        skiff = shell_quote(&skiff_driver().display().to_string()),
+        out = shell_quote(&out_dir.display().to_string()),
+    );
+    let mut spec = VmSpec::new(name, vec!["-c".into(), script]);
+    spec.program = Some("/bin/sh".into());
+    spec.timeout_s = timeout_s;
+    spec
+}
+
+fn exit_of(o: &VmOutcome) -> i32 {
+    o.serial
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("exit="))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exit status in the output of {}:\n{}", o.name, o.serial))
+}
+
+fn assert_clean(o: &VmOutcome) {
+    assert!(
+        !o.serial.contains("LEFTOVER-"),
+        "{}: skiff left a process or state behind:\n{}",
+        o.name,
+        o.serial
+    );
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+#[test]
+fn suite_failures_and_a_silent_guest() {
+    fixtures();
+    let dir = scratch_dir("driver-busybox");
+    let suite: Vec<String> = std::fs::read_dir(workspace_root().join("tests/nixos/suite"))
+        .expect("tests/nixos/suite")
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            matches!(p.extension()?.to_str()?, "json" | "toml")
+                .then(|| format!("tests/nixos/suite/{}", p.file_name()?.to_string_lossy()))
+        })
+        .collect();
+    assert_eq!(suite.len(), 8, "{suite:?}");
+    let specs = vec![
+        skiff_run(
+            "suite",
+            &format!("{} --jobs 4", suite.join(" ")),
+            &dir.join("suite"),
+            900,
+        ),
+        skiff_run(
+            "fails",
+            "tests/nixos/failing/fails.json",
+            &dir.join("fails"),
+            300,
+        ),
+        skiff_run(
+            "no-backdoor",
+            "tests/nixos/failing/no-backdoor.json",
+            &dir.join("no-backdoor"),
+            300,
+        ),
+    ];
+    let o = run_batch("driver-busybox", 3072, &specs);
+
+    // Eight tests, four at a time, all passed, in the summary table.
+    let suite = &o[0];
+    assert_eq!(exit_of(suite), 0, "{}", suite.serial);
+    assert!(
+        suite.serial.contains("8 test(s), 4 at a time"),
+        "{}",
+        suite.serial
+    );
+    assert!(
+        suite.serial.contains("8 passed, 0 failed") && suite.serial.contains("with --jobs 4"),
+        "{}",
+        suite.serial
+    );
+    for name in [
+        "hello",
+        "exit-codes",
+        "files",
+        "console",
+        "subtests",
+        "two-nodes",
+        "reboot",
+        "crash",
+    ] {
+        assert!(
+            suite
+                .serial
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("passed")),
+            "{name} is not in the summary as passed:\n{}",
+            suite.serial
+        );
+        let junit = read(&dir.join("suite").join(name).join("junit.xml"));
+        assert!(junit.contains("failures=\"0\""), "{name}: {junit}");
+    }
+    let subtests = read(&dir.join("suite/subtests/junit.xml"));
+    for case in ["retry", "wait_until", "assertions", "polling conditions"] {
+        assert!(subtests.contains(&format!("name=\"{case}\"")), "{subtests}");
+    }
+    assert!(dir.join("suite/files/copied/out/deep/f.txt").is_file());
+    assert_clean(suite);
+
+    // A failing command stops the run: non-zero status, the script's frame,
+    // the machine, the command and its output, a JUnit failure.
+    let fails = &o[1];
+    assert_eq!(exit_of(fails), 1, "{}", fails.serial);
+    for text in [
+        "!!! Traceback (most recent call last):",
+        "client.succeed('echo some output here; exit 3')",
+        "!!! RequestedAssertionFailed: command `echo some output here; exit 3` failed (exit code 3)",
+        "!!! machine: client",
+        "!!! some output here",
+        "Test \"breaks\" failed with error",
+    ] {
+        assert!(fails.serial.contains(text), "missing {text:?} in:\n{}", fails.serial);
+    }
+    assert!(!fails.serial.contains("never reached"), "{}", fails.serial);
+    let junit = read(&dir.join("fails/junit.xml"));
+    assert!(junit.contains("name=\"passes\""), "{junit}");
+    assert!(
+        junit.contains("name=\"breaks\"") && junit.contains("failures=\"2\""),
+        "{junit}"
+    );
+    let events = read(&dir.join("fails/events.jsonl"));
+    assert!(events.lines().all(|l| l.starts_with('{')), "{events}");
+    assert!(events.contains("\"kind\":\"failed\""), "{events}");
+    assert!(dir.join("fails/client.serial.log").is_file());
+    assert_clean(fails);
+
+    // A guest that never reaches the backdoor: a timeout naming it, with the
+    // end of its serial console.
+    let silent = &o[2];
+    assert_eq!(exit_of(silent), 1, "{}", silent.serial);
+    assert!(
+        silent
+            .serial
+            .contains("silent: the guest root shell did not come up within 20 s"),
+        "{}",
+        silent.serial
+    );
+    assert!(
+        silent.serial.contains("last serial lines:") && silent.serial.contains("action=sleep"),
+        "{}",
+        silent.serial
+    );
+    assert_clean(silent);
+}
+
+#[test]
+fn every_machine_method_against_a_systemd_guest() {
+    fixtures();
+    assert!(
+        cache_dir().join("guest/rootfs.ext4").is_file(),
+        "rootfs.ext4 is missing: run tests/guest/build"
+    );
+    let dir = scratch_dir("driver-systemd");
+    let o = run_batch(
+        "driver-systemd",
+        3072,
+        &[skiff_run(
+            "api",
+            "tests/nixos/api.json",
+            &dir.join("api"),
+            1500,
+        )],
+    );
+    let api = &o[0];
+    assert_eq!(exit_of(api), 0, "{}", api.serial);
+    assert!(
+        api.serial.contains("test script finished in"),
+        "{}",
+        api.serial
+    );
+    // The detached child holding stdout was reported with its command.
+    assert!(
+        api.serial
+            .contains("command `(sleep 12; echo late) &` has not closed its stdout after 10 s"),
+        "{}",
+        api.serial
+    );
+    let junit = read(&dir.join("api/junit.xml"));
+    for case in [
+        "commands",
+        "systemd units",
+        "waiting",
+        "a detached child holding stdout",
+        "failures are reported",
+        "lifecycle",
+    ] {
+        assert!(junit.contains(&format!("name=\"{case}\"")), "{junit}");
+    }
+    assert!(junit.contains("failures=\"0\""), "{junit}");
+    assert_clean(api);
+}

@@ -1,0 +1,231 @@
+//! Bad input to `skiff test`: each gets a clear message naming the problem,
+//! a non-zero status, and leaves no skiff-vmm process, socket or state
+//! directory behind. None of these needs KVM.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use skiff_tests::{scratch_dir, skiff_driver};
+
+struct Run {
+    status: Option<i32>,
+    output: String,
+}
+
+/// Runs `skiff test ARGS` with a private TMPDIR and checks that nothing
+/// is left in it.
+fn skiff(dir: &Path, args: &[&str]) -> Run {
+    let tmp = dir.join("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = Command::new(skiff_driver())
+        .arg("test")
+        .args(args)
+        .current_dir(dir)
+        .env("TMPDIR", &tmp)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run skiff");
+    let left: Vec<PathBuf> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "skiff left {left:?} behind");
+    let ps = Command::new("pgrep")
+        .arg("-f")
+        .arg(&tmp)
+        .output()
+        .expect("run pgrep");
+    assert!(
+        ps.stdout.is_empty(),
+        "a process from this run is still there: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+    Run {
+        status: out.status.code(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn setup(label: &str) -> PathBuf {
+    let dir = scratch_dir(label);
+    std::fs::write(dir.join("kernel"), b"not a kernel").unwrap();
+    dir
+}
+
+fn expect_error(dir: &Path, desc: &str, needle: &str) {
+    std::fs::write(dir.join("t.json"), desc).unwrap();
+    let r = skiff(dir, &["t.json"]);
+    assert_eq!(r.status, Some(1), "{}", r.output);
+    assert!(
+        r.output.contains(needle),
+        "expected {needle:?} in:\n{}",
+        r.output
+    );
+}
+
+#[test]
+fn description_errors_name_the_problem() {
+    let dir = setup("driver-bad-desc");
+    expect_error(
+        &dir,
+        r#"{"name":"t","nodes":{"m":{"memory":256}},"script":"pass"}"#,
+        "t.json: node \"m\": missing \"kernel\"",
+    );
+    expect_error(
+        &dir,
+        r#"{"name":"t","nodes":{"m":{"kernel":"kernel","colour":"red"}},"script":"pass"}"#,
+        "unknown field `colour`",
+    );
+    expect_error(
+        &dir,
+        r#"{"name":"t","nodes":{"m":{"kernel":"kernel"}},"script":"pass","extra":1}"#,
+        "unknown field `extra`",
+    );
+    expect_error(
+        &dir,
+        r#"{"name":"t","nodes":{"2fast":{"kernel":"kernel"}},"script":"pass"}"#,
+        "node name \"2fast\" is not a Python identifier",
+    );
+    expect_error(
+        &dir,
+        r#"{"name":"t","nodes":{"web server":{"kernel":"kernel"}},"script":"pass"}"#,
+        "is not a Python identifier: ' ' is not allowed",
+    );
+    expect_error(
+        &dir,
+        r#"{"name":"t","nodes":{"m":{"kernel":"missing-kernel"}},"script":"pass"}"#,
+        "missing-kernel does not exist",
+    );
+    expect_error(&dir, "{not json", "t.json: key must be a string");
+    let r = skiff(&dir, &["nowhere.json"]);
+    assert_eq!(r.status, Some(1));
+    assert!(
+        r.output
+            .contains("cannot read test description nowhere.json"),
+        "{}",
+        r.output
+    );
+    std::fs::write(
+        dir.join("t.toml"),
+        "name = \"t\"\nscript = \"pass\"\n[nodes.m]\nkernle = \"kernel\"\n",
+    )
+    .unwrap();
+    let r = skiff(&dir, &["t.toml"]);
+    assert_eq!(r.status, Some(1));
+    assert!(r.output.contains("unknown field `kernle`"), "{}", r.output);
+}
+
+#[test]
+fn a_syntax_error_is_reported_before_any_vm_starts() {
+    let dir = setup("driver-bad-syntax");
+    // The VMM given does not exist: reaching it would be a different error.
+    std::fs::write(
+        dir.join("t.json"),
+        r#"{"name":"t","nodes":{"m":{"kernel":"kernel"}},"script":"machine.start()\nif True\n    pass\n"}"#,
+    )
+    .unwrap();
+    let r = skiff(&dir, &["t.json", "--vmm", "/nonexistent/skiff-vmm"]);
+    assert_eq!(r.status, Some(1), "{}", r.output);
+    assert!(
+        r.output.contains("the test script has a syntax error")
+            && r.output.contains("line 2, column 8")
+            && r.output.contains("if True"),
+        "{}",
+        r.output
+    );
+    assert!(!r.output.contains("skiff-vmm running"), "{}", r.output);
+}
+
+#[test]
+fn a_vm_that_cannot_start_names_the_machine_and_its_status() {
+    let dir = setup("driver-bad-kernel");
+    std::fs::write(
+        dir.join("t.json"),
+        r#"{"name":"t","nodes":{"box":{"kernel":"kernel","memory":128}},"script":"box.succeed('true')\n"}"#,
+    )
+    .unwrap();
+    let r = skiff(&dir, &["t.json"]);
+    assert_eq!(r.status, Some(1), "{}", r.output);
+    assert!(
+        r.output
+            .contains("box: skiff-vmm exited with status 1 (the VM could not start)"),
+        "{}",
+        r.output
+    );
+    let vmm_log = std::fs::read_to_string(dir.join("skiff-out/t/box.vmm.log")).unwrap();
+    assert!(vmm_log.contains("kernel"), "{vmm_log}");
+    let junit = std::fs::read_to_string(dir.join("skiff-out/t/junit.xml")).unwrap();
+    assert!(junit.contains("<failure"), "{junit}");
+}
+
+#[test]
+fn a_suite_reports_a_broken_description_in_its_summary() {
+    let dir = setup("driver-bad-suite");
+    std::fs::write(dir.join("broken.json"), r#"{"name":"broken","nodes":{}}"#).unwrap();
+    std::fs::write(
+        dir.join("nokernel.json"),
+        r#"{"name":"nokernel","nodes":{"m":{"kernel":"kernel","memory":128}},"script":"m.succeed('true')"}"#,
+    )
+    .unwrap();
+    let r = skiff(&dir, &["broken.json", "nokernel.json", "--jobs", "2"]);
+    assert_eq!(r.status, Some(1), "{}", r.output);
+    assert!(
+        r.output.contains("a test needs at least one node"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output
+            .lines()
+            .any(|l| l.starts_with("broken") && l.contains("error")),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output
+            .lines()
+            .any(|l| l.starts_with("nokernel") && l.contains("FAILED")),
+        "{}",
+        r.output
+    );
+    assert!(r.output.contains("0 passed, 2 failed"), "{}", r.output);
+}
+
+#[test]
+fn bad_command_lines_are_refused() {
+    let dir = setup("driver-bad-cli");
+    std::fs::write(
+        dir.join("t.json"),
+        r#"{"name":"t","nodes":{"m":{"kernel":"kernel"}},"script":"pass"}"#,
+    )
+    .unwrap();
+    let r = skiff(&dir, &["t.json", "--vmm", "/nonexistent/skiff-vmm"]);
+    assert_eq!(r.status, Some(1));
+    assert!(
+        r.output
+            .contains("skiff-vmm /nonexistent/skiff-vmm does not exist"),
+        "{}",
+        r.output
+    );
+    let r = skiff(&dir, &["t.json", "t.json", "--script", "x.py"]);
+    assert_eq!(r.status, Some(1));
+    assert!(
+        r.output
+            .contains("--script works with one test description only"),
+        "{}",
+        r.output
+    );
+    let r = skiff(&dir, &["t.json", "--jobs", "many"]);
+    assert_eq!(r.status, Some(2), "{}", r.output);
+    assert!(
+        r.output.contains("invalid value 'many' for '--jobs <N>'"),
+        "{}",
+        r.output
+    );
+}

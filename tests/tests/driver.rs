@@ -62,8 +62,9 @@ fn suite_failures_and_a_silent_guest() {
         .expect("tests/nixos/suite")
         .filter_map(|e| {
             let p = e.ok()?.path();
+            let name = p.file_name()?.to_string_lossy().into_owned();
             matches!(p.extension()?.to_str()?, "json" | "toml")
-                .then(|| format!("tests/nixos/suite/{}", p.file_name()?.to_string_lossy()))
+                .then(|| format!("tests/nixos/suite/{name}"))
         })
         .collect();
     assert_eq!(suite.len(), 8, "{suite:?}");

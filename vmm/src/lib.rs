@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod device_manager;
 pub mod event_loop;

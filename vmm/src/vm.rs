@@ -178,14 +178,19 @@ pub enum ExitReason {
     Crash(String),
     /// The VMM received a termination signal.
     Signal(i32),
+    /// A monitor client sent `quit`.
+    Quit,
+    /// A monitor client sent `system_reset`: skiff-vmm does not reboot
+    /// in place, so it ends as on a guest reset.
+    HostReset,
 }
 
 impl ExitReason {
     /// The process exit status for this reason (documented in `--help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Signal(_) => 0,
-            ExitReason::Reset => 3,
+            ExitReason::PowerOff | ExitReason::Signal(_) | ExitReason::Quit => 0,
+            ExitReason::Reset | ExitReason::HostReset => 3,
             ExitReason::Panic => 4,
             ExitReason::Crash(_) => 5,
         }
@@ -650,6 +655,10 @@ pub fn log_exit(reason: &ExitReason) {
     match reason {
         ExitReason::PowerOff => info!("guest powered off"),
         ExitReason::Reset => info!("guest requested a reset (reboot); exiting with status 3"),
+        ExitReason::Quit => info!("quit requested on a monitor"),
+        ExitReason::HostReset => {
+            info!("system_reset requested on a monitor; exiting with status 3")
+        }
         ExitReason::Panic => error!("guest kernel panicked (pvpanic); exiting with status 4"),
         ExitReason::Crash(msg) => error!("guest crashed: {msg}"),
         ExitReason::Signal(sig) => {

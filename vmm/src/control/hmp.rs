@@ -1,0 +1,288 @@
+//! The subset of QEMU's human monitor (HMP) that test tools use, with
+//! QEMU's texts: `info status|version|name|kvm`, `stop`, `cont`,
+//! `system_powerdown`, `system_reset`, `quit`, `help`; `screendump`,
+//! `sendkey` and `set_link` answer errors until skiff-vmm has a display,
+//! a keyboard and NICs. Output lines end in CRLF, as QEMU's do; the
+//! monitor socket adds the `(qemu) ` prompt.
+
+use super::qmp::{package, QEMU_VERSION};
+use super::{Machine, RunState};
+
+/// The banner a monitor client gets before the first prompt.
+pub fn banner() -> String {
+    let (major, minor, micro) = QEMU_VERSION;
+    format!("QEMU {major}.{minor}.{micro} monitor - type 'help' for more information\r\n")
+}
+
+/// The prompt after each command's output.
+pub const PROMPT: &str = "(qemu) ";
+
+/// QEMU's error when no display device exists.
+pub const NO_CONSOLE: &str = "There is no console to take a screendump from";
+
+const HELP: &[(&str, &str, &str)] = &[
+    ("cont|c", "", "resume emulation"),
+    ("help|?", "[cmd]", "show the help"),
+    (
+        "info",
+        "[subcommand]",
+        "show various information about the system state",
+    ),
+    ("quit|q", "", "quit the emulator"),
+    (
+        "screendump",
+        "filename [-f format] [device [head]]",
+        "save screen to a file",
+    ),
+    ("sendkey", "keys [hold_ms]", "send keys to the VM"),
+    (
+        "set_link",
+        "name on|off",
+        "change the link status of a network adapter",
+    ),
+    ("stop|s", "", "stop emulation"),
+    ("system_powerdown", "", "send system power down event"),
+    ("system_reset", "", "reset the system"),
+];
+
+const INFO_HELP: &[(&str, &str)] = &[
+    ("kvm", "show KVM information"),
+    ("name", "show the current VM name"),
+    ("status", "show the current VM status (running|paused)"),
+    ("version", "show the version of QEMU"),
+];
+
+fn help_text(only: Option<&str>) -> String {
+    let mut out = String::new();
+    for (names, args, text) in HELP {
+        if only.is_some_and(|o| !names.split('|').any(|n| n == o)) {
+            continue;
+        }
+        let usage = if args.is_empty() {
+            (*names).to_owned()
+        } else {
+            format!("{names} {args}")
+        };
+        out.push_str(&format!("{usage} -- {text}\r\n"));
+    }
+    out
+}
+
+fn info_help() -> String {
+    INFO_HELP
+        .iter()
+        .map(|(name, text)| format!("info {name}  -- {text}\r\n"))
+        .collect()
+}
+
+fn error(desc: &str) -> String {
+    format!("Error: {desc}\r\n")
+}
+
+/// Splits a command line into its command name and the rest, as QEMU's
+/// `get_command_name` does: the name runs up to the first blank.
+fn split_command(line: &str) -> (&str, &str) {
+    let line = line.trim_start();
+    match line.find(|c: char| c.is_ascii_whitespace()) {
+        Some(i) => (&line[..i], line[i..].trim_start()),
+        None => (line, ""),
+    }
+}
+
+fn status_line(state: RunState) -> String {
+    let mut s = format!(
+        "VM status: {}",
+        if state.is_running() {
+            "running"
+        } else {
+            "paused"
+        }
+    );
+    if !state.is_running() && state != RunState::Paused {
+        s.push_str(&format!(" ({})", state.as_str()));
+    }
+    s.push_str("\r\n");
+    s
+}
+
+fn info(sub: &str, machine: &dyn Machine) -> String {
+    match sub {
+        "" => info_help(),
+        "status" => status_line(machine.run_state()),
+        "version" => {
+            let (major, minor, micro) = QEMU_VERSION;
+            format!("{major}.{minor}.{micro} ({})\r\n", package())
+        }
+        "name" => format!("{}\r\n", machine.info().name),
+        "kvm" => "kvm support: enabled\r\n".to_owned(),
+        other => format!("unknown command: 'info {other}'\r\n"),
+    }
+}
+
+/// Runs one HMP command line and returns its output (possibly empty).
+/// `quit` ends the VM; the caller's connection closes when it exits.
+pub fn execute(line: &str, machine: &dyn Machine) -> String {
+    let (cmd, rest) = split_command(line);
+    let no_args = |name: &str, run: &dyn Fn() -> String| {
+        if rest.is_empty() {
+            run()
+        } else {
+            format!("{name}: extraneous characters at the end of line\r\n")
+        }
+    };
+    match cmd {
+        "" => String::new(),
+        "help" | "?" => {
+            let (what, _) = split_command(rest);
+            help_text((!what.is_empty()).then_some(what))
+        }
+        "info" | "i" => {
+            let (sub, _) = split_command(rest);
+            info(sub, machine)
+        }
+        "stop" | "s" => no_args("stop", &|| {
+            machine.stop();
+            String::new()
+        }),
+        "cont" | "c" => no_args("cont", &|| match machine.cont() {
+            Ok(()) => String::new(),
+            Err(e) => error(&e),
+        }),
+        "system_powerdown" => no_args("system_powerdown", &|| {
+            machine.system_powerdown();
+            String::new()
+        }),
+        "system_reset" => no_args("system_reset", &|| {
+            machine.system_reset();
+            String::new()
+        }),
+        "quit" | "q" => no_args("quit", &|| {
+            machine.quit();
+            String::new()
+        }),
+        "screendump" => {
+            if rest.is_empty() {
+                "screendump: filename expected\r\n".to_owned()
+            } else {
+                error(NO_CONSOLE)
+            }
+        }
+        "sendkey" => {
+            if rest.is_empty() {
+                "sendkey: string expected\r\n".to_owned()
+            } else {
+                error("this VM has no keyboard: skiff-vmm has no virtio-input device yet")
+            }
+        }
+        "set_link" => {
+            let (name, more) = split_command(rest);
+            let (up, _) = split_command(more);
+            if name.is_empty() {
+                "set_link: string expected\r\n".to_owned()
+            } else if up != "on" && up != "off" {
+                "Expected 'on' or 'off'\r\n".to_owned()
+            } else {
+                error(&format!("Device '{name}' not found"))
+            }
+        }
+        other => format!("unknown command: '{other}'\r\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{fake, names};
+    use super::*;
+    use crate::vm::ExitReason;
+
+    #[test]
+    fn banner_and_prompt_as_qemu() {
+        assert_eq!(
+            banner(),
+            "QEMU 7.2.0 monitor - type 'help' for more information\r\n"
+        );
+        assert_eq!(PROMPT, "(qemu) ");
+    }
+
+    #[test]
+    fn status_stop_cont() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        let m = &f.control;
+        assert_eq!(execute("info status", m), "VM status: running\r\n");
+        assert_eq!(execute("stop", m), "");
+        assert_eq!(execute("  info   status  ", m), "VM status: paused\r\n");
+        assert_eq!(execute("c", m), "");
+        assert_eq!(execute("info status", m), "VM status: running\r\n");
+        assert_eq!(names(&mut rx), ["STOP", "RESUME"]);
+        assert_eq!(
+            execute("stop now", m),
+            "stop: extraneous characters at the end of line\r\n"
+        );
+        assert_eq!(m.run_state(), RunState::Running);
+    }
+
+    #[test]
+    fn powerdown_and_quit() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        assert_eq!(execute("system_powerdown", &f.control), "");
+        assert_eq!(execute("quit", &f.control), "");
+        assert_eq!(names(&mut rx), ["POWERDOWN", "SHUTDOWN"]);
+        assert_eq!(*f.exits.lock().unwrap(), vec![ExitReason::Quit]);
+        assert_eq!(
+            execute("info status", &f.control),
+            "VM status: paused (shutdown)\r\n"
+        );
+        assert_eq!(
+            execute("cont", &f.control),
+            "Error: Resetting the Virtual Machine is required\r\n"
+        );
+    }
+
+    #[test]
+    fn unknown_and_unavailable_commands() {
+        let f = fake();
+        let m = &f.control;
+        assert_eq!(
+            execute("frobnicate", m),
+            "unknown command: 'frobnicate'\r\n"
+        );
+        assert_eq!(execute("info frob", m), "unknown command: 'info frob'\r\n");
+        assert_eq!(execute("", m), "");
+        assert_eq!(execute("   ", m), "");
+        assert_eq!(
+            execute("screendump /tmp/shot.ppm", m),
+            "Error: There is no console to take a screendump from\r\n"
+        );
+        assert_eq!(
+            execute("screendump", m),
+            "screendump: filename expected\r\n"
+        );
+        assert!(execute("sendkey ctrl-alt-delete", m).starts_with("Error: "));
+        assert_eq!(execute("sendkey", m), "sendkey: string expected\r\n");
+        assert_eq!(
+            execute("set_link virtio-net-pci.1 off", m),
+            "Error: Device 'virtio-net-pci.1' not found\r\n"
+        );
+        assert_eq!(
+            execute("set_link virtio-net-pci.1 maybe", m),
+            "Expected 'on' or 'off'\r\n"
+        );
+        assert_eq!(execute("set_link", m), "set_link: string expected\r\n");
+    }
+
+    #[test]
+    fn info_and_help() {
+        let f = fake();
+        let m = &f.control;
+        assert_eq!(execute("info kvm", m), "kvm support: enabled\r\n");
+        assert_eq!(execute("info name", m), "node1\r\n");
+        assert!(execute("info version", m).starts_with("7.2.0 (skiff-vmm "));
+        assert!(execute("info", m).contains("info status"));
+        let help = execute("help", m);
+        assert!(help.contains("system_powerdown  -- ") || help.contains("system_powerdown -- "));
+        assert_eq!(execute("help stop", m), "stop|s -- stop emulation\r\n");
+        assert!(help.lines().all(|l| !l.is_empty()));
+    }
+}

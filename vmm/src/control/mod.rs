@@ -1,0 +1,617 @@
+//! The VM's control plane: the run state machine (running, paused,
+//! shutdown), QMP events, and the QMP and HMP monitors that drive them.
+//!
+//! The protocol code ([`qmp`], [`hmp`], [`stream`]) is pure: it acts on a
+//! [`Machine`] and never touches KVM, so unit tests drive it with a fake.
+//! [`RunControl`] is the real [`Machine`]: it parks and resumes vCPUs
+//! through a [`VcpuPause`], presses the ACPI power button, and hands exit
+//! requests to the main thread. [`server`] runs the sockets on a small
+//! tokio runtime of its own.
+
+pub mod hmp;
+pub mod json;
+pub mod qmp;
+pub mod server;
+pub mod stream;
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::vm::ExitReason;
+
+/// QMP `RunState` values Skiff can be in (`qapi/run-state.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// All vCPUs runnable.
+    Running,
+    /// Stopped by `stop`.
+    Paused,
+    /// The VM is going away (guest power-off, `quit`, a host signal ...).
+    Shutdown,
+    /// The guest kernel panicked.
+    GuestPanicked,
+}
+
+impl RunState {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Shutdown => "shutdown",
+            RunState::GuestPanicked => "guest-panicked",
+        }
+    }
+
+    /// `running` in query-status: true only when every vCPU may run.
+    pub fn is_running(self) -> bool {
+        self == RunState::Running
+    }
+}
+
+/// QMP `ShutdownCause` values (`qapi/run-state.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownCause {
+    /// A fatal VMM error.
+    HostError,
+    /// QMP or HMP `quit`.
+    HostQmpQuit,
+    /// QMP or HMP `system_reset`.
+    HostQmpSystemReset,
+    /// SIGTERM or SIGINT.
+    HostSignal,
+    /// The guest powered off (ACPI S5).
+    GuestShutdown,
+    /// The guest reset the machine (which ends skiff-vmm, as QEMU's
+    /// `-no-reboot` does).
+    GuestReset,
+    /// The guest kernel panicked.
+    GuestPanic,
+}
+
+impl ShutdownCause {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownCause::HostError => "host-error",
+            ShutdownCause::HostQmpQuit => "host-qmp-quit",
+            ShutdownCause::HostQmpSystemReset => "host-qmp-system-reset",
+            ShutdownCause::HostSignal => "host-signal",
+            ShutdownCause::GuestShutdown => "guest-shutdown",
+            ShutdownCause::GuestReset => "guest-reset",
+            ShutdownCause::GuestPanic => "guest-panic",
+        }
+    }
+
+    /// Whether the guest caused it (the `guest` member of SHUTDOWN).
+    pub fn by_guest(self) -> bool {
+        matches!(
+            self,
+            ShutdownCause::GuestShutdown | ShutdownCause::GuestReset | ShutdownCause::GuestPanic
+        )
+    }
+}
+
+/// A QMP event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// vCPUs stopped.
+    Stop,
+    /// vCPUs resumed.
+    Resume,
+    /// The power button was pressed.
+    Powerdown,
+    /// The machine was reset and goes on (not emitted today: skiff-vmm
+    /// always exits on a reset, as QEMU does under `-no-reboot`, which
+    /// reports SHUTDOWN instead).
+    Reset(ShutdownCause),
+    /// The VM is about to exit.
+    Shutdown(ShutdownCause),
+    /// The guest kernel panicked; the VM powers off.
+    GuestPanicked,
+}
+
+#[derive(Serialize)]
+struct Timestamp {
+    seconds: i64,
+    microseconds: i64,
+}
+
+#[derive(Serialize)]
+struct EventMessage<'a> {
+    timestamp: Timestamp,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Value>,
+}
+
+impl Event {
+    /// The event's QMP name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Stop => "STOP",
+            Event::Resume => "RESUME",
+            Event::Powerdown => "POWERDOWN",
+            Event::Reset(_) => "RESET",
+            Event::Shutdown(_) => "SHUTDOWN",
+            Event::GuestPanicked => "GUEST_PANICKED",
+        }
+    }
+
+    fn data(&self) -> Option<Value> {
+        match self {
+            Event::Stop | Event::Resume | Event::Powerdown => None,
+            Event::Reset(cause) | Event::Shutdown(cause) => Some(json!({
+                "guest": cause.by_guest(),
+                "reason": cause.as_str(),
+            })),
+            Event::GuestPanicked => Some(json!({"action": "poweroff"})),
+        }
+    }
+
+    /// The event as QEMU sends it, stamped with `now`, without the line end.
+    pub fn to_line(&self, now: SystemTime) -> String {
+        let timestamp = match now.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                microseconds: i64::from(d.subsec_micros()),
+            },
+            Err(_) => Timestamp {
+                seconds: -1,
+                microseconds: -1,
+            },
+        };
+        json::to_line(&EventMessage {
+            timestamp,
+            event: self.name(),
+            data: self.data(),
+        })
+    }
+}
+
+/// How many events a slow client may fall behind before it loses the
+/// oldest ones.
+const EVENT_BACKLOG: usize = 256;
+
+/// Fans events out to every negotiated QMP client. Sending never blocks:
+/// a client that does not read loses its oldest events, nothing else.
+#[derive(Clone)]
+pub struct EventHub {
+    tx: broadcast::Sender<Arc<str>>,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventHub {
+    /// A hub with no listeners.
+    pub fn new() -> Self {
+        EventHub {
+            tx: broadcast::channel(EVENT_BACKLOG).0,
+        }
+    }
+
+    /// Sends `event` (stamped now) to every current subscriber.
+    pub fn emit(&self, event: &Event) {
+        log::debug!("QMP event {}", event.name());
+        let _ = self.tx.send(event.to_line(SystemTime::now()).into());
+    }
+
+    /// A receiver of every event emitted from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.tx.subscribe()
+    }
+}
+
+/// A `--disk`, as query-block describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Guest name: vda, vdb, ...
+    pub device: String,
+    /// The image file.
+    pub path: String,
+    /// Opened read-only.
+    pub readonly: bool,
+    /// Writes go to a temporary overlay.
+    pub overlay: bool,
+    /// Image size in bytes.
+    pub size: u64,
+}
+
+/// A character device, as query-chardev describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevInfo {
+    /// QEMU-style label (`serial0`, `compat_monitor0`, ...).
+    pub label: String,
+    /// QEMU-style filename (`stdio`, `unix:/path,server=on`, ...).
+    pub filename: String,
+}
+
+/// Static facts about the VM that queries report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineInfo {
+    /// `--name`.
+    pub name: String,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// The disks.
+    pub disks: Vec<DiskInfo>,
+    /// The character devices.
+    pub chardevs: Vec<ChardevInfo>,
+}
+
+/// What the monitors act on. Every method returns once its effect is
+/// done, and emits the events it causes before returning, so that a
+/// monitor sends them ahead of the command's reply, as QEMU does.
+pub trait Machine: Send + Sync {
+    /// The current run state.
+    fn run_state(&self) -> RunState;
+    /// Parks every vCPU (STOP when the VM was running).
+    fn stop(&self);
+    /// Resumes the vCPUs (RESUME when the VM was paused); fails with a
+    /// QEMU error text when the VM cannot run again.
+    fn cont(&self) -> Result<(), String>;
+    /// A hard reset: skiff-vmm exits with status 3 (SHUTDOWN
+    /// host-qmp-system-reset, as QEMU under `-no-reboot`).
+    fn system_reset(&self);
+    /// Presses the ACPI power button (POWERDOWN).
+    fn system_powerdown(&self);
+    /// Ends the VM (SHUTDOWN host-qmp-quit); the process exits with 0
+    /// once the monitors have flushed.
+    fn quit(&self);
+    /// Static facts.
+    fn info(&self) -> &MachineInfo;
+    /// Host thread id of each vCPU (0 until its thread started).
+    fn vcpu_thread_ids(&self) -> Vec<i64>;
+}
+
+/// Parks and resumes the vCPU threads.
+pub trait VcpuPause: Send + Sync {
+    /// Kicks every vCPU out of the guest and returns once all are parked.
+    fn pause(&self);
+    /// Lets the parked vCPUs run again.
+    fn resume(&self);
+    /// Host thread id of each vCPU.
+    fn thread_ids(&self) -> Vec<i64>;
+}
+
+/// The run state machine behind the monitors.
+pub struct RunControl {
+    state: Mutex<RunState>,
+    vcpus: Arc<dyn VcpuPause>,
+    power_button: Box<dyn Fn() + Send + Sync>,
+    exit: Box<dyn Fn(ExitReason) + Send + Sync>,
+    events: EventHub,
+    info: MachineInfo,
+}
+
+impl RunControl {
+    /// A running VM. `power_button` presses the ACPI power button; `exit`
+    /// asks the main thread to end the VM.
+    pub fn new(
+        info: MachineInfo,
+        vcpus: Arc<dyn VcpuPause>,
+        events: EventHub,
+        power_button: Box<dyn Fn() + Send + Sync>,
+        exit: Box<dyn Fn(ExitReason) + Send + Sync>,
+    ) -> Self {
+        RunControl {
+            state: Mutex::new(RunState::Running),
+            vcpus,
+            power_button,
+            exit,
+            events,
+            info,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        crate::bus::lock(&self.state)
+    }
+
+    /// Records that the VM is ending for `reason` and emits the events
+    /// QEMU would (nothing when a monitor command already did).
+    pub fn exiting(&self, reason: &ExitReason) {
+        let mut state = self.lock();
+        if *state == RunState::Shutdown {
+            return;
+        }
+        let cause = match reason {
+            ExitReason::PowerOff => ShutdownCause::GuestShutdown,
+            ExitReason::Reset => ShutdownCause::GuestReset,
+            ExitReason::Panic => {
+                self.events.emit(&Event::GuestPanicked);
+                if *state == RunState::Running {
+                    self.events.emit(&Event::Stop);
+                }
+                ShutdownCause::GuestPanic
+            }
+            ExitReason::Crash(_) => ShutdownCause::HostError,
+            ExitReason::Signal(_) => ShutdownCause::HostSignal,
+            ExitReason::Quit => ShutdownCause::HostQmpQuit,
+            ExitReason::HostReset => ShutdownCause::HostQmpSystemReset,
+        };
+        *state = RunState::Shutdown;
+        self.events.emit(&Event::Shutdown(cause));
+    }
+
+    fn shut_down(&self, cause: ShutdownCause, reason: ExitReason) {
+        let mut state = self.lock();
+        if *state == RunState::Shutdown {
+            return;
+        }
+        *state = RunState::Shutdown;
+        self.events.emit(&Event::Shutdown(cause));
+        drop(state);
+        (self.exit)(reason);
+    }
+}
+
+impl Machine for RunControl {
+    fn run_state(&self) -> RunState {
+        *self.lock()
+    }
+
+    fn stop(&self) {
+        let mut state = self.lock();
+        if *state == RunState::Running {
+            self.vcpus.pause();
+            *state = RunState::Paused;
+            self.events.emit(&Event::Stop);
+        }
+    }
+
+    fn cont(&self) -> Result<(), String> {
+        let mut state = self.lock();
+        match *state {
+            RunState::Running => Ok(()),
+            RunState::Paused => {
+                self.vcpus.resume();
+                *state = RunState::Running;
+                self.events.emit(&Event::Resume);
+                Ok(())
+            }
+            RunState::Shutdown | RunState::GuestPanicked => {
+                Err("Resetting the Virtual Machine is required".to_owned())
+            }
+        }
+    }
+
+    fn system_reset(&self) {
+        self.shut_down(ShutdownCause::HostQmpSystemReset, ExitReason::HostReset);
+    }
+
+    fn system_powerdown(&self) {
+        (self.power_button)();
+        self.events.emit(&Event::Powerdown);
+    }
+
+    fn quit(&self) {
+        self.shut_down(ShutdownCause::HostQmpQuit, ExitReason::Quit);
+    }
+
+    fn info(&self) -> &MachineInfo {
+        &self.info
+    }
+
+    fn vcpu_thread_ids(&self) -> Vec<i64> {
+        self.vcpus.thread_ids()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A fake machine for protocol tests.
+
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts pauses and resumes.
+    #[derive(Default)]
+    pub struct FakeVcpus {
+        pub pauses: AtomicUsize,
+        pub resumes: AtomicUsize,
+    }
+
+    impl VcpuPause for FakeVcpus {
+        fn pause(&self) {
+            self.pauses.fetch_add(1, Ordering::SeqCst);
+        }
+        fn resume(&self) {
+            self.resumes.fetch_add(1, Ordering::SeqCst);
+        }
+        fn thread_ids(&self) -> Vec<i64> {
+            vec![1001, 1002]
+        }
+    }
+
+    /// A [`RunControl`] over fake vCPUs, with what it did recorded.
+    pub struct Fake {
+        pub control: RunControl,
+        pub vcpus: Arc<FakeVcpus>,
+        pub presses: Arc<AtomicUsize>,
+        pub exits: Arc<Mutex<Vec<ExitReason>>>,
+        pub events: EventHub,
+    }
+
+    pub fn info() -> MachineInfo {
+        MachineInfo {
+            name: "node1".into(),
+            cpus: 2,
+            disks: vec![DiskInfo {
+                device: "vda".into(),
+                path: "/img/root.raw".into(),
+                readonly: true,
+                overlay: false,
+                size: 1 << 20,
+            }],
+            chardevs: vec![ChardevInfo {
+                label: "serial0".into(),
+                filename: "stdio".into(),
+            }],
+        }
+    }
+
+    pub fn fake() -> Fake {
+        let vcpus = Arc::new(FakeVcpus::default());
+        let presses = Arc::new(AtomicUsize::new(0));
+        let exits = Arc::new(Mutex::new(Vec::new()));
+        let events = EventHub::new();
+        let p = presses.clone();
+        let e = exits.clone();
+        let control = RunControl::new(
+            info(),
+            vcpus.clone(),
+            events.clone(),
+            Box::new(move || {
+                p.fetch_add(1, Ordering::SeqCst);
+            }),
+            Box::new(move |r| e.lock().unwrap().push(r)),
+        );
+        Fake {
+            control,
+            vcpus,
+            presses,
+            exits,
+            events,
+        }
+    }
+
+    /// Event names received so far.
+    pub fn names(rx: &mut broadcast::Receiver<Arc<str>>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            out.push(v["event"].as_str().unwrap().to_owned());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn event_lines_look_like_qemu() {
+        let t = UNIX_EPOCH + std::time::Duration::new(1_795_541_594, 434_688_123);
+        assert_eq!(
+            Event::Stop.to_line(t),
+            r#"{"timestamp": {"seconds": 1795541594, "microseconds": 434688}, "event": "STOP"}"#
+        );
+        assert_eq!(
+            Event::Shutdown(ShutdownCause::HostQmpQuit).to_line(t),
+            r#"{"timestamp": {"seconds": 1795541594, "microseconds": 434688}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}"#
+        );
+        assert!(Event::Shutdown(ShutdownCause::GuestShutdown)
+            .to_line(t)
+            .contains(r#""data": {"guest": true, "reason": "guest-shutdown"}"#));
+        assert!(Event::Reset(ShutdownCause::HostQmpSystemReset)
+            .to_line(t)
+            .contains(
+                r#""event": "RESET", "data": {"guest": false, "reason": "host-qmp-system-reset"}"#
+            ));
+    }
+
+    #[test]
+    fn stop_and_cont_are_idempotent_and_truthful() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        assert_eq!(f.control.run_state(), RunState::Running);
+        f.control.stop();
+        f.control.stop();
+        assert_eq!(f.control.run_state(), RunState::Paused);
+        assert_eq!(f.vcpus.pauses.load(Ordering::SeqCst), 1);
+        f.control.cont().unwrap();
+        f.control.cont().unwrap();
+        assert_eq!(f.control.run_state(), RunState::Running);
+        assert_eq!(f.vcpus.resumes.load(Ordering::SeqCst), 1);
+        assert_eq!(names(&mut rx), ["STOP", "RESUME"]);
+    }
+
+    #[test]
+    fn quit_emits_shutdown_once_and_asks_for_exit() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        f.control.quit();
+        assert_eq!(f.control.run_state(), RunState::Shutdown);
+        // The main thread then reports the same exit: no second event.
+        f.control.exiting(&ExitReason::Quit);
+        f.control.quit();
+        assert_eq!(names(&mut rx), ["SHUTDOWN"]);
+        assert_eq!(*f.exits.lock().unwrap(), vec![ExitReason::Quit]);
+        assert_eq!(
+            f.control.cont(),
+            Err("Resetting the Virtual Machine is required".into())
+        );
+    }
+
+    #[test]
+    fn guest_exits_map_to_qemu_causes() {
+        for (reason, events, cause) in [
+            (ExitReason::PowerOff, vec!["SHUTDOWN"], "guest-shutdown"),
+            (ExitReason::Reset, vec!["SHUTDOWN"], "guest-reset"),
+            (
+                ExitReason::Panic,
+                vec!["GUEST_PANICKED", "STOP", "SHUTDOWN"],
+                "guest-panic",
+            ),
+            (ExitReason::Signal(15), vec!["SHUTDOWN"], "host-signal"),
+            (
+                ExitReason::Crash("x".into()),
+                vec!["SHUTDOWN"],
+                "host-error",
+            ),
+        ] {
+            let f = fake();
+            let mut rx = f.events.subscribe();
+            f.control.exiting(&reason);
+            let mut lines = Vec::new();
+            while let Ok(l) = rx.try_recv() {
+                lines.push(l);
+            }
+            let got: Vec<String> = lines
+                .iter()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["event"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            assert_eq!(got, events, "{reason:?}");
+            let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+            assert_eq!(last["data"]["reason"], cause);
+            assert_eq!(f.control.run_state(), RunState::Shutdown);
+        }
+    }
+
+    #[test]
+    fn powerdown_presses_the_button() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        f.control.system_powerdown();
+        assert_eq!(f.presses.load(Ordering::SeqCst), 1);
+        assert_eq!(names(&mut rx), ["POWERDOWN"]);
+        assert_eq!(f.control.run_state(), RunState::Running);
+    }
+
+    #[test]
+    fn system_reset_ends_the_vm_with_the_reset_status() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        f.control.system_reset();
+        assert_eq!(*f.exits.lock().unwrap(), vec![ExitReason::HostReset]);
+        assert_eq!(ExitReason::HostReset.exit_code(), 3);
+        assert_eq!(names(&mut rx), ["SHUTDOWN"]);
+    }
+}

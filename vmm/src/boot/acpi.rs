@@ -13,7 +13,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use skiff_devices::legacy::{ACPI_RESET_VALUE, ACPI_SLP_TYP_S5};
+use skiff_devices::legacy::{
+    ACPI_RESET_VALUE, ACPI_SLP_TYP_S5, GED_EVENT_POWER_BUTTON, GED_PORT_LEN,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::memory::{ACPI_END, IOAPIC_START, LAPIC_START, RSDP_START};
@@ -26,6 +28,10 @@ pub const PVPANIC_PORT: u16 = 0x505;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// COM1's IRQ.
 pub const SERIAL_IRQ: u32 = 4;
+/// The ACPI Generic Event Device's event register (port I/O).
+pub const GED_PORT: u16 = 0x610;
+/// The GED's interrupt: ISA IRQ 3 (COM2's, unused here), edge-triggered.
+pub const GED_IRQ: u32 = 3;
 
 const OEM_ID: [u8; 6] = *b"SKIFF ";
 const OEM_TABLE_ID: [u8; 8] = *b"SKIFFVM ";
@@ -59,8 +65,70 @@ fn to_bytes(obj: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT's AML body: COM1, pvpanic, `_S5_` and `extra` (already-encoded
-/// AML device objects, appended as is).
+/// The Generic Event Device and the power button it notifies:
+///
+/// ```text
+/// Device (\_SB.GED) {
+///     Name (_HID, "ACPI0013")  Name (_UID, Zero)
+///     Name (_CRS, ResourceTemplate () { Interrupt (Edge, ActiveHigh, Exclusive) { GED_IRQ } })
+///     OperationRegion (GDRG, SystemIO, GED_PORT, 4)
+///     Field (GDRG, DWordAcc, NoLock, WriteAsZeros) { GDAT, 32 }
+///     Method (_EVT, 1, Serialized) {
+///         Local0 = GDAT
+///         If ((Local0 & 1) == 1) { Notify (\_SB.PWRB, 0x80) }
+///     }
+/// }
+/// Device (\_SB.PWRB) { Name (_HID, EisaId ("PNP0C0C"))  Name (_UID, Zero) }
+/// ```
+pub fn ged_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let port = u64::from(GED_PORT);
+    let len = GED_PORT_LEN;
+    let region = aml::OpRegion::new("GDRG".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDRG".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let power = GED_EVENT_POWER_BUTTON;
+    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &power);
+    let is_power = aml::Equal::new(&aml::Local(1), &power);
+    let notify_value = 0x80u8;
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&button, &notify_value);
+    let on_power = aml::If::new(&is_power, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &masked, &on_power]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// The DSDT's AML body: COM1, pvpanic, the GED and power button, `_S5_`
+/// and `extra` (already-encoded AML device objects, appended as is).
 pub fn dsdt_body(extra: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     let com1_io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
@@ -84,6 +152,7 @@ pub fn dsdt_body(extra: &[u8]) -> Vec<u8> {
             &aml::Name::new("_CRS".into(), &pvpanic_crs),
         ],
     )));
+    body.extend(ged_aml());
     body.extend(to_bytes(&aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&ACPI_SLP_TYP_S5, &ACPI_SLP_TYP_S5, &0u8, &0u8]),
@@ -226,6 +295,9 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
+        assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
         let madt = table_at(&mem, entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         assert!(checksum_ok(&madt));

@@ -1,0 +1,120 @@
+//! A hardware-reduced ACPI Generic Event Device (GED, `ACPI0013`) that
+//! carries the power button.
+//!
+//! The DSDT describes the GED with one interrupt and a 4-byte event
+//! register at [`GED_PORT_LEN`] bytes of port I/O; its `_EVT` method reads
+//! the register and, when [`GED_EVENT_POWER_BUTTON`] is set, notifies the
+//! `PNP0C0C` power button device, which Linux's ACPI button driver turns
+//! into a KEY_POWER press for systemd-logind or acpid. Reading the
+//! register clears the events it reports.
+
+use vm_superio::Trigger;
+
+use crate::BusDevice;
+
+/// Size of the GED's register block (one 32-bit event register).
+pub const GED_PORT_LEN: u64 = 4;
+/// Event bit: the power button was pressed.
+pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+
+/// The GED: pending events and the interrupt that announces them.
+pub struct Ged<T: Trigger> {
+    pending: u32,
+    irq: T,
+}
+
+impl<T: Trigger> Ged<T> {
+    /// A GED raising `irq` when an event is posted.
+    pub fn new(irq: T) -> Self {
+        Ged { pending: 0, irq }
+    }
+
+    /// Posts `events` and raises the interrupt.
+    pub fn notify(&mut self, events: u32) -> Result<(), T::E> {
+        self.pending |= events;
+        self.irq.trigger()
+    }
+
+    /// Presses the power button.
+    pub fn press_power_button(&mut self) -> Result<(), T::E> {
+        self.notify(GED_EVENT_POWER_BUTTON)
+    }
+
+    /// Events posted and not yet read by the guest.
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+}
+
+impl<T: Trigger + Send> BusDevice for Ged<T> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        // The _EVT method reads the whole register; other accesses see 0
+        // and leave the events pending.
+        if offset != 0 || data.len() != 4 {
+            return;
+        }
+        data.copy_from_slice(&self.pending.to_le_bytes());
+        self.pending = 0;
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Default, Clone)]
+    struct Counter(Arc<AtomicU32>);
+
+    impl Trigger for Counter {
+        type E = std::io::Error;
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn read(g: &mut Ged<Counter>, offset: u64, len: usize) -> Vec<u8> {
+        let mut d = vec![0xaa; len];
+        g.read(offset, &mut d);
+        d
+    }
+
+    #[test]
+    fn power_button_raises_the_interrupt_and_reads_clear() {
+        let irq = Counter::default();
+        let mut g = Ged::new(irq.clone());
+        assert_eq!(g.pending(), 0);
+        g.press_power_button().unwrap();
+        g.press_power_button().unwrap();
+        assert_eq!(irq.0.load(Ordering::SeqCst), 2);
+        assert_eq!(read(&mut g, 0, 4), 1u32.to_le_bytes());
+        assert_eq!(read(&mut g, 0, 4), [0; 4]);
+    }
+
+    #[test]
+    fn odd_accesses_leave_events_pending() {
+        let mut g = Ged::new(Counter::default());
+        g.press_power_button().unwrap();
+        assert_eq!(read(&mut g, 0, 1), [0]);
+        assert_eq!(read(&mut g, 4, 4), [0; 4]);
+        assert_eq!(read(&mut g, 2, 2), [0; 2]);
+        g.write(0, &[0xff; 4]);
+        assert_eq!(g.pending(), GED_EVENT_POWER_BUTTON);
+        assert_eq!(read(&mut g, 0, 4), 1u32.to_le_bytes());
+    }
+
+    #[test]
+    fn an_eventfd_trigger_signals_the_irqfd() {
+        use crate::EventFdTrigger;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut g = Ged::new(EventFdTrigger::new(evt.try_clone().unwrap()));
+        g.press_power_button().unwrap();
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+}

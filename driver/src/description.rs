@@ -442,6 +442,7 @@ mod tests {
         );
         let desc = Description::load(&p, None).unwrap();
         assert_eq!(desc.nodes["m"].cmdline, "console=hvc0");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -483,5 +484,6 @@ mod tests {
             r#"{"name":"a","nodes":{"m":{"kernel":"${SKIFF_SURELY_UNSET_VAR}/k"}},"script":""}"#
         )
         .contains("SKIFF_SURELY_UNSET_VAR is not set"));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -18,7 +18,9 @@ fn skiff_run(name: &str, args: &str, out_dir: &Path, timeout_s: u64) -> VmSpec {
         "cd {ws} && rm -rf {tmp} && mkdir -p {tmp} && \
          SKIFF_GUEST={guest} TMPDIR={tmp} NO_COLOR=1 {skiff} test {args} -o {out} 2>&1; \
          echo \"exit=$?\"; \
-         pgrep -f {tmp} >/dev/null && echo LEFTOVER-PROCESS; \
+         for p in $(pgrep -x skiff-vmm) $(pgrep -x skiff); do \
+           tr '\\0' ' ' < /proc/$p/cmdline | grep -qF {tmp} && echo \"LEFTOVER-PROCESS $p\"; \
+         done; \
          ls -A {tmp} | sed 's/^/LEFTOVER-STATE /'; \
          rm -rf {tmp}",
         ws = shell_quote(&workspace_root().display().to_string()),

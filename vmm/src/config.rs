@@ -85,6 +85,30 @@ impl FromStr for ConsoleConfig {
     }
 }
 
+/// Where an HMP (human monitor) socket is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MonitorConfig {
+    /// skiff-vmm listens at the path (any number of clients).
+    Listen(PathBuf),
+    /// skiff-vmm connects to a socket someone else listens on, as QEMU's
+    /// `-monitor unix:PATH` does for the NixOS test driver.
+    Connect(PathBuf),
+}
+
+impl FromStr for MonitorConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("socket=") {
+            Some("") => Err("socket= needs a path".into()),
+            Some(path) => Ok(MonitorConfig::Connect(PathBuf::from(path))),
+            None if s.is_empty() => Err("--monitor needs a path".into()),
+            None => Ok(MonitorConfig::Listen(PathBuf::from(s))),
+        }
+    }
+}
+
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
@@ -175,6 +199,12 @@ pub struct VmConfig {
     /// Describe virtio devices with `virtio_mmio.device=` on the kernel
     /// command line instead of in the ACPI DSDT.
     pub virtio_cmdline: bool,
+    /// QMP sockets to listen on.
+    #[serde(default)]
+    pub qmp: Vec<PathBuf>,
+    /// HMP monitor sockets.
+    #[serde(default)]
+    pub monitor: Vec<MonitorConfig>,
 }
 
 #[cfg(test)]
@@ -213,6 +243,20 @@ mod tests {
         ] {
             assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn monitors_parse() {
+        assert_eq!(
+            "/run/mon".parse(),
+            Ok(MonitorConfig::Listen(PathBuf::from("/run/mon")))
+        );
+        assert_eq!(
+            "socket=/run/mon".parse(),
+            Ok(MonitorConfig::Connect(PathBuf::from("/run/mon")))
+        );
+        assert!("socket=".parse::<MonitorConfig>().is_err());
+        assert!("".parse::<MonitorConfig>().is_err());
     }
 
     #[test]

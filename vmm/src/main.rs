@@ -8,17 +8,19 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use skiff_vmm::config::DEFAULT_CMDLINE;
-use skiff_vmm::config::{ConsoleConfig, DiskConfig};
+use skiff_vmm::config::{ConsoleConfig, DiskConfig, MonitorConfig};
 use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use skiff_vmm::vm::{log_exit, MAX_CPUS};
 use skiff_vmm::{SerialConfig, Vm, VmConfig};
 
 const AFTER_HELP: &str = "\
 EXIT STATUS:
-  0  the guest powered off (or skiff-vmm was stopped by SIGTERM/SIGINT)
+  0  the guest powered off, a monitor client sent quit, or skiff-vmm was
+     stopped by SIGTERM/SIGINT
   1  the VM could not be started (bad input, /dev/kvm missing or unusable)
   2  invalid command-line arguments
-  3  the guest rebooted (a reset request: ACPI reset register or i8042)
+  3  the guest rebooted (a reset request: ACPI reset register or i8042),
+     or a monitor client sent system_reset
   4  the guest kernel panicked (reported through the pvpanic device)
   5  the guest crashed: triple fault, KVM internal error or an exit
      skiff-vmm cannot handle; the log names the reason and the registers
@@ -82,6 +84,17 @@ struct Cli {
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
 
+    /// Listen for QMP clients on a unix socket at PATH (QEMU 7.2's
+    /// protocol; any number of clients at once). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    qmp: Vec<PathBuf>,
+
+    /// A human monitor (HMP subset): PATH to listen on, or socket=PATH to
+    /// connect to a unix socket someone listens on (as QEMU's
+    /// `-monitor unix:PATH`). Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    monitor: Vec<MonitorConfig>,
+
     /// Name of this VM in log lines.
     #[arg(long, value_name = "NAME", default_value = "vm")]
     name: String,
@@ -117,6 +130,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         console: cli.console,
         rng: cli.rng,
         virtio_cmdline: cli.virtio_mmio_cmdline,
+        qmp: cli.qmp,
+        monitor: cli.monitor,
     };
     let vm = Vm::new(config).context("cannot start the VM")?;
     let reason = vm.run().context("VM failed")?;

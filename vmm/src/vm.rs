@@ -3,7 +3,8 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -16,8 +17,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, error, info, warn};
 use skiff_devices::legacy::{
-    AcpiPmPort, PvPanic, Serial, SerialOutput, ACPI_PM_PORT_LEN, I8042, PVPANIC_PORT_LEN,
-    SERIAL_PORT_LEN,
+    AcpiPmPort, Ged, PvPanic, Serial, SerialOutput, ACPI_PM_PORT_LEN, GED_PORT_LEN, I8042,
+    PVPANIC_PORT_LEN, SERIAL_PORT_LEN,
 };
 use skiff_devices::virtio::block::{Block, BlockConfig};
 use skiff_devices::virtio::console::{Console, ConsoleBackend};
@@ -26,11 +27,16 @@ use skiff_devices::{EventFdTrigger, GuestPowerEvent, PowerEventSink};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::acpi::{self, ACPI_PM_PORT, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT};
+use crate::boot::acpi::{
+    self, ACPI_PM_PORT, GED_IRQ, GED_PORT, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT,
+};
 use crate::boot::{self, BootError};
 use crate::bus::Bus;
-use crate::config::ConsoleConfig;
+use crate::config::{ConsoleConfig, MonitorConfig};
 use crate::config::{SerialConfig, VmConfig};
+use crate::control::server::{self, Protocol, Socket};
+use crate::control::{ChardevInfo, DiskInfo, EventHub, MachineInfo, RunControl};
+use crate::cpu::pause::{self, RunMapping, VcpuManager};
 use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{self, SerialInput};
@@ -97,6 +103,14 @@ pub enum VmError {
     /// Wiring a virtio device into the VM.
     #[error(transparent)]
     DeviceWiring(#[from] DeviceError),
+    /// A QMP or monitor socket.
+    #[error("cannot set up the monitor socket {path}: {source}")]
+    Monitor {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Platform wiring (buses, eventfds, threads).
     #[error("cannot set up {what}: {detail}")]
     Setup {
@@ -165,6 +179,82 @@ fn create_virtio_devices(config: &VmConfig) -> Result<Vec<(String, VirtioDev)>, 
     Ok(out)
 }
 
+/// Opens the QMP and HMP sockets (before the VM starts, so that a bad
+/// path is a start-up error).
+fn monitor_sockets(config: &VmConfig) -> Result<Vec<(Protocol, Socket)>, VmError> {
+    let err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| VmError::Monitor { path, source }
+    };
+    let mut out = Vec::new();
+    for path in &config.qmp {
+        out.push((Protocol::Qmp, server::listen(path).map_err(err(path))?));
+    }
+    for m in &config.monitor {
+        let socket = match m {
+            MonitorConfig::Listen(p) => server::listen(p).map_err(err(p))?,
+            MonitorConfig::Connect(p) => server::connect(p).map_err(err(p))?,
+        };
+        out.push((Protocol::Hmp, socket));
+    }
+    Ok(out)
+}
+
+/// What the monitors' queries report about this VM.
+fn machine_info(config: &VmConfig) -> MachineInfo {
+    let disks = config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DiskInfo {
+            device: format!("vd{}", (b'a' + (i % 26) as u8) as char),
+            path: d.path.display().to_string(),
+            readonly: d.readonly,
+            overlay: d.overlay,
+            size: std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0),
+        })
+        .collect();
+    let file = |p: &std::path::Path| format!("file:{}", p.display());
+    let mut chardevs = vec![ChardevInfo {
+        label: "serial0".into(),
+        filename: match &config.serial {
+            SerialConfig::Stdio => "stdio".into(),
+            SerialConfig::File(p) => file(p),
+            SerialConfig::None => "null".into(),
+        },
+    }];
+    if let Some(c) = &config.console {
+        chardevs.push(ChardevInfo {
+            label: "console0".into(),
+            filename: match c {
+                ConsoleConfig::Stdio => "stdio".into(),
+                ConsoleConfig::File(p) => file(p),
+                ConsoleConfig::Socket(p) => format!("unix:{}", p.display()),
+            },
+        });
+    }
+    let monitors = config
+        .qmp
+        .iter()
+        .map(|p| format!("unix:{},server=on", p.display()))
+        .chain(config.monitor.iter().map(|m| match m {
+            MonitorConfig::Listen(p) => format!("unix:{},server=on", p.display()),
+            MonitorConfig::Connect(p) => format!("unix:{}", p.display()),
+        }));
+    for (i, filename) in monitors.enumerate() {
+        chardevs.push(ChardevInfo {
+            label: format!("compat_monitor{i}"),
+            filename,
+        });
+    }
+    MachineInfo {
+        name: config.name.clone(),
+        cpus: config.cpus,
+        disks,
+        chardevs,
+    }
+}
+
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -209,9 +299,13 @@ pub struct Vm {
     stopping: Arc<AtomicBool>,
     events_tx: Sender<ExitReason>,
     events_rx: std::sync::mpsc::Receiver<ExitReason>,
+    monitors: Vec<(Protocol, Socket)>,
+    info: MachineInfo,
+    ged: Arc<Mutex<Ged<EventFdTrigger>>>,
+    vcpu_mmap_size: usize,
+    vm: Arc<VmFd>,
     // Kept alive for the VM's lifetime: KVM maps this memory.
     _mem: GuestMemoryMmap,
-    _vm: VmFd,
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
@@ -303,6 +397,8 @@ impl Vm {
         boot::write_cmdline(&mem, &config.cmdline, &kernel)?;
         cpu::write_boot_tables(&mem)?;
         let virtio_devices = create_virtio_devices(&config)?;
+        let monitors = monitor_sockets(&config)?;
+        let info = machine_info(&config);
         debug!(
             "kernel entry {:#x}, initrd {:?}, {} MiB, {} vCPUs",
             kernel.entry.0, initrd, config.memory_mib, config.cpus
@@ -310,6 +406,9 @@ impl Vm {
 
         let kvm = open_kvm(&config.kvm_device)?;
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let vcpu_mmap_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
@@ -390,6 +489,12 @@ impl Vm {
             Arc::new(Mutex::new(PvPanic::new(sink))),
         )
         .map_err(bus_err)?;
+        let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(setup_err("the GED IRQ"))?;
+        vm.register_irqfd(&ged_irq, GED_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (GED)"))?;
+        let ged = Arc::new(Mutex::new(Ged::new(EventFdTrigger::new(ged_irq))));
+        pio.insert(u64::from(GED_PORT), GED_PORT_LEN, ged.clone())
+            .map_err(bus_err)?;
 
         let serial_input = if config.serial == SerialConfig::Stdio {
             let stdin = std::io::stdin()
@@ -460,8 +565,12 @@ impl Vm {
             stopping,
             events_tx,
             events_rx,
+            monitors,
+            info,
+            ged,
+            vcpu_mmap_size,
+            vm: Arc::new(vm),
             _mem: mem,
-            _vm: vm,
         })
     }
 
@@ -497,29 +606,70 @@ impl Vm {
             self.config.cpus,
             self.config.memory_mib
         );
+        pause::install_kick_handler().map_err(setup_err("the vCPU kick signal"))?;
+        let vcpus = Arc::new(VcpuManager::new(self.vm.clone(), self.vcpus.len()));
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let run = RunMapping::new(vcpu.as_raw_fd(), self.vcpu_mmap_size)
+                .map_err(setup_err("a vCPU's kvm_run mapping"))?;
             let ctx = VcpuContext {
                 index,
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 stopping: self.stopping.clone(),
                 events: self.events_tx.clone(),
+                vcpus: vcpus.clone(),
             };
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || ctx.run(vcpu))
                 .map_err(setup_err("a vCPU thread"))?;
+            vcpus.register(handle.as_pthread_t(), run);
         }
+
+        let events = EventHub::new();
+        let ged = self.ged.clone();
+        let exit_tx = Mutex::new(self.events_tx.clone());
+        let control = Arc::new(RunControl::new(
+            std::mem::take(&mut self.info),
+            vcpus,
+            events.clone(),
+            Box::new(move || {
+                if let Err(e) = crate::bus::lock(&ged).press_power_button() {
+                    warn!("cannot raise the power button interrupt: {e}");
+                }
+            }),
+            Box::new(move |reason| {
+                let _ = crate::bus::lock(&exit_tx).send(reason);
+            }),
+        ));
+        let monitors = std::mem::take(&mut self.monitors);
+        let server = if monitors.is_empty() {
+            None
+        } else {
+            Some(
+                server::start(monitors, control.clone(), events)
+                    .map_err(setup_err("the monitor thread"))?,
+            )
+        };
+
         let reason = self.events_rx.recv().map_err(|_| VmError::Setup {
             what: "the VM event channel",
             detail: "all senders are gone".into(),
         })?;
         self.stopping.store(true, Ordering::SeqCst);
+        control.exiting(&reason);
+        if let Some(server) = server {
+            server.finish(MONITOR_FLUSH_TIMEOUT);
+        }
         let _ = crate::bus::lock(&self.serial).flush();
         let _ = std::io::stdout().flush();
         Ok(reason)
     }
 }
+
+/// How long monitor clients get to receive their last replies and events
+/// when the VM ends.
+const MONITOR_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct VcpuContext {
     index: usize,
@@ -527,6 +677,7 @@ struct VcpuContext {
     mmio: Arc<Bus>,
     stopping: Arc<AtomicBool>,
     events: Sender<ExitReason>,
+    vcpus: Arc<VcpuManager>,
 }
 
 /// What a vCPU exit asks of the run loop.
@@ -541,6 +692,7 @@ enum Next {
 
 impl VcpuContext {
     fn run(self, mut vcpu: VcpuFd) {
+        self.vcpus.started(self.index);
         loop {
             let next = match vcpu.run() {
                 Ok(exit) => self.handle_exit(exit),
@@ -572,7 +724,10 @@ impl VcpuContext {
             if self.stopping.load(Ordering::SeqCst) {
                 break;
             }
+            // Parks here while the VM is paused.
+            self.vcpus.checkpoint(&mut vcpu);
         }
+        self.vcpus.gone();
         // The process exits once the main thread has seen the event; keep
         // this vCPU out of the guest until then.
         loop {

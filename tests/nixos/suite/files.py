@@ -1,5 +1,6 @@
 import hashlib
 import os
+import shutil
 import tempfile
 
 machine.start()
@@ -29,3 +30,5 @@ machine.copy_from_machine("/root/in/blob.bin")
 with open(os.path.join(driver.out_dir, "blob.bin"), "rb") as f:
     assert f.read() == data
 machine.shutdown()
+
+shutil.rmtree(src)

@@ -2,6 +2,7 @@
 //! identity page tables, FPU and the LAPIC's LINT pins.
 
 pub mod cpuid;
+pub mod pause;
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;

@@ -1,9 +1,11 @@
-//! Bad input to `skiff test`: each gets a clear message naming the problem,
-//! a non-zero status, and leaves no skiff-vmm process, socket or state
-//! directory behind. None of these needs KVM.
+//! `skiff test` without guests: bad input gets a clear message naming the
+//! problem, a non-zero status, and leaves no skiff-vmm process, socket or
+//! state directory behind; the interactive REPL defines the machines and
+//! starts none. None of these needs KVM.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use skiff_tests::{scratch_dir, skiff_driver};
 
@@ -15,18 +17,32 @@ struct Run {
 /// Runs `skiff test ARGS` with a private TMPDIR and checks that nothing
 /// is left in it.
 fn skiff(dir: &Path, args: &[&str]) -> Run {
+    skiff_with_input(dir, args, "")
+}
+
+fn skiff_with_input(dir: &Path, args: &[&str], input: &str) -> Run {
     let tmp = dir.join("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
-    let out = Command::new(skiff_driver())
+    let mut child = Command::new(skiff_driver())
         .arg("test")
         .args(args)
         .current_dir(dir)
         .env("TMPDIR", &tmp)
         .env_remove("XDG_RUNTIME_DIR")
         .env("NO_COLOR", "1")
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run skiff");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write skiff's stdin");
+    let out = child.wait_with_output().expect("wait for skiff");
     let left: Vec<PathBuf> = std::fs::read_dir(&tmp)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -228,4 +244,27 @@ fn bad_command_lines_are_refused() {
         "{}",
         r.output
     );
+}
+
+#[test]
+fn interactive_mode_defines_the_machines_and_starts_none() {
+    let dir = setup("driver-interactive");
+    std::fs::write(
+        dir.join("t.json"),
+        r#"{"name":"t","nodes":{"web-1":{"kernel":"kernel"}},"script":"machine.succeed('true')"}"#,
+    )
+    .unwrap();
+    let r = skiff_with_input(
+        &dir,
+        &["t.json", "--interactive"],
+        "print('repl:', machine.name, web_1.booted, len(machines), callable(test_script))\n",
+    );
+    assert_eq!(r.status, Some(0), "{}", r.output);
+    assert!(
+        r.output.contains("repl: web-1 False 1 True"),
+        "{}",
+        r.output
+    );
+    assert!(r.output.contains("none started"), "{}", r.output);
+    assert!(!r.output.contains("skiff-vmm running"), "{}", r.output);
 }

@@ -432,7 +432,7 @@ fn query_cpus_fast(machine: &dyn Machine) -> Value {
         .map(|i| {
             json!({
                 "thread-id": tids.get(i).copied().unwrap_or(0),
-                "props": {"core-id": i, "thread-id": 0, "die-id": 0, "socket-id": 0},
+                "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
                 "qom-path": format!("/machine/unattached/device[{i}]"),
                 "cpu-index": i,
                 "target": "x86_64",
@@ -894,6 +894,11 @@ mod tests {
         assert_eq!(cpus[1]["cpu-index"], 1);
         assert_eq!(cpus[1]["thread-id"], 1002);
         assert_eq!(cpus[1]["target"], "x86_64");
+        // One socket of single-threaded cores, the members QEMU 7.2 gives.
+        assert_eq!(
+            cpus[1]["props"],
+            json!({"core-id": 1, "thread-id": 0, "socket-id": 0})
+        );
         let block = q(&mut s, "query-block");
         assert_eq!(block[0]["device"], "vda");
         assert_eq!(block[0]["inserted"]["ro"], true);

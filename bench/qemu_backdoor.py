@@ -22,7 +22,7 @@ With --commands N it runs succeed("true") N more times after the first one,
 timing each with time.perf_counter, before the shutdown.
 
 Prints one JSON object on stdout: wall-clock times (time.time()) of the
-harness start, the backdoor banner, multi-user.target active and QEMU's
+harness start (after its imports), QEMU's start, the backdoor banner, multi-user.target active and QEMU's
 exit, QEMU's exit status, and with --commands the per-call seconds, the
 seconds spent blocked waiting for the guest during the loop and the CPU
 seconds this process used during it.
@@ -137,6 +137,7 @@ def main():
     log = open(args.serial_log, "wb")
     proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
+    t_spawn = time.time()
 
     def drain():
         for line in proc.stdout:
@@ -144,7 +145,7 @@ def main():
             log.flush()
 
     threading.Thread(target=drain, daemon=True).start()
-    result = {"t_start": T_START}
+    result = {"t_start": T_START, "t_spawn": t_spawn}
     try:
         listener.settimeout(args.connect_timeout)
         conn, _ = listener.accept()

@@ -62,7 +62,7 @@ pub enum MachineError {
 /// What `skiff-vmm`'s exit status means (its documented codes).
 pub fn exit_meaning(code: i32) -> &'static str {
     match code {
-        0 => "the guest powered off",
+        0 => "the guest powered off, or QMP quit",
         1 => "the VM could not start",
         2 => "invalid skiff-vmm arguments",
         3 => "the guest rebooted",
@@ -260,6 +260,8 @@ impl Vm {
             .arg(&i.name)
             .args(["--serial", "stdio", "--console"])
             .arg(format!("socket={}", i.state_dir.join("shell").display()))
+            .arg("--qmp")
+            .arg(i.state_dir.join("qmp"))
             .current_dir(&i.state_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());

@@ -461,3 +461,54 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
     }
     outcomes
 }
+
+/// A `skiff test ARGS` run through `sh`, with its output (stdout and
+/// stderr) as the outcome's serial text. Afterwards the script reports
+/// `exit=N`, any skiff-vmm still running from this run and anything left in
+/// its TMPDIR (state dirs, sockets).
+pub fn skiff_run(name: &str, args: &str, out_dir: &Path, timeout_s: u64) -> VmSpec {
+    skiff_run_env(name, "", args, out_dir, timeout_s)
+}
+
+/// [`skiff_run`] with more environment (`VAR=value ...`, shell-quoted).
+pub fn skiff_run_env(name: &str, env: &str, args: &str, out_dir: &Path, timeout_s: u64) -> VmSpec {
+    let tmp = format!("/tmp/skiff-t-{name}-{}", std::process::id());
+    let script = format!(
+        "cd {ws} && rm -rf {tmp} && mkdir -p {tmp} && \
+         SKIFF_GUEST={guest} TMPDIR={tmp} NO_COLOR=1 {env} {skiff} test {args} -o {out} 2>&1; \
+         echo \"exit=$?\"; \
+         for p in $(pgrep -x skiff-vmm) $(pgrep -x skiff); do \
+           tr '\\0' ' ' < /proc/$p/cmdline | grep -qF {tmp} && echo \"LEFTOVER-PROCESS $p\"; \
+         done; \
+         ls -A {tmp} | sed 's/^/LEFTOVER-STATE /'; \
+         rm -rf {tmp}",
+        ws = shell_quote(&workspace_root().display().to_string()),
+        guest = shell_quote(&cache_dir().join("guest").display().to_string()),
+        skiff = shell_quote(&skiff_driver().display().to_string()),
+        out = shell_quote(&out_dir.display().to_string()),
+    );
+    let mut spec = VmSpec::new(name, vec!["-c".into(), script]);
+    spec.program = Some("/bin/sh".into());
+    spec.timeout_s = timeout_s;
+    spec
+}
+
+/// The `exit=N` a [`skiff_run`] reported.
+pub fn exit_of(o: &VmOutcome) -> i32 {
+    o.serial
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("exit="))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exit status in the output of {}:\n{}", o.name, o.serial))
+}
+
+/// Asserts that a [`skiff_run`] left no process or state behind.
+pub fn assert_clean(o: &VmOutcome) {
+    assert!(
+        !o.serial.contains("LEFTOVER-"),
+        "{}: skiff left a process or state behind:\n{}",
+        o.name,
+        o.serial
+    );
+}

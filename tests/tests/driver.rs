@@ -4,53 +4,8 @@
 use std::path::Path;
 
 use skiff_tests::{
-    cache_dir, fixtures, run_batch, scratch_dir, shell_quote, skiff_driver, workspace_root,
-    VmOutcome, VmSpec,
+    assert_clean, cache_dir, exit_of, fixtures, run_batch, scratch_dir, skiff_run, workspace_root,
 };
-
-/// A `skiff test ARGS` run through `sh`, with its output (stdout and
-/// stderr) as the outcome's serial text. Afterwards the script reports
-/// `exit=N`, any skiff-vmm still running from this run and anything left in
-/// its TMPDIR (state dirs, sockets).
-fn skiff_run(name: &str, args: &str, out_dir: &Path, timeout_s: u64) -> VmSpec {
-    let tmp = format!("/tmp/skiff-t-{name}-{}", std::process::id());
-    let script = format!(
-        "cd {ws} && rm -rf {tmp} && mkdir -p {tmp} && \
-         SKIFF_GUEST={guest} TMPDIR={tmp} NO_COLOR=1 {skiff} test {args} -o {out} 2>&1; \
-         echo \"exit=$?\"; \
-         for p in $(pgrep -x skiff-vmm) $(pgrep -x skiff); do \
-           tr '\\0' ' ' < /proc/$p/cmdline | grep -qF {tmp} && echo \"LEFTOVER-PROCESS $p\"; \
-         done; \
-         ls -A {tmp} | sed 's/^/LEFTOVER-STATE /'; \
-         rm -rf {tmp}",
-        ws = shell_quote(&workspace_root().display().to_string()),
-        guest = shell_quote(&cache_dir().join("guest").display().to_string()),
-        skiff = shell_quote(&skiff_driver().display().to_string()),
-        out = shell_quote(&out_dir.display().to_string()),
-    );
-    let mut spec = VmSpec::new(name, vec!["-c".into(), script]);
-    spec.program = Some("/bin/sh".into());
-    spec.timeout_s = timeout_s;
-    spec
-}
-
-fn exit_of(o: &VmOutcome) -> i32 {
-    o.serial
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("exit="))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no exit status in the output of {}:\n{}", o.name, o.serial))
-}
-
-fn assert_clean(o: &VmOutcome) {
-    assert!(
-        !o.serial.contains("LEFTOVER-"),
-        "{}: skiff left a process or state behind:\n{}",
-        o.name,
-        o.serial
-    );
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))

@@ -10,7 +10,11 @@ import base64
 import code
 import datetime
 import io
+import json
 import os
+import queue
+import socket
+import threading
 import re
 import shlex
 import sys
@@ -180,6 +184,71 @@ class PollingCondition:
             retry(condition, timeout=timeout)
 
 
+class QMPAPIError(MachineError):
+    """An error reply from the VMM's QMP socket."""
+
+
+class QMPSession:
+    """A QMP client for one VMM run: the greeting and negotiation, then
+    commands with their replies; events are queued for wait_for_qmp_event."""
+
+    def __init__(self, path, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise MachineError(f"cannot connect to the QMP socket {path}")
+                time.sleep(0.02)
+        self.file = self.sock.makefile("rb")
+        self.events = queue.Queue()
+        self.replies = queue.Queue()
+        self.lock = threading.Lock()
+        greeting = json.loads(self.file.readline())
+        if "QMP" not in greeting:
+            raise MachineError(f"unexpected QMP greeting: {greeting}")
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        self.send("qmp_capabilities")
+
+    def _read(self):
+        try:
+            for line in self.file:
+                msg = json.loads(line)
+                (self.events if "event" in msg else self.replies).put(msg)
+        except (OSError, ValueError):
+            pass
+        self.replies.put(None)
+
+    def send(self, cmd, args=None, timeout=60.0):
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        with self.lock:
+            try:
+                self.sock.sendall(json.dumps(msg).encode() + b"\n")
+                reply = self.replies.get(timeout=timeout)
+            except (OSError, queue.Empty) as e:
+                raise MachineError(f"QMP command {cmd} got no reply: {e}")
+        if reply is None:
+            self.replies.put(None)
+            raise MachineError(f"the VMM closed its QMP socket during {cmd}")
+        if "error" in reply:
+            err = reply["error"]
+            raise QMPAPIError(f"QMP command {cmd} failed: {err.get('class')}: {err.get('desc')}")
+        return reply.get("return")
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 def _not_here(machine, what, needs):
     return MachineError(f"{machine.name}: {what} needs {needs}, which skiff-vmm does not have yet")
 
@@ -204,6 +273,7 @@ class Machine:
         self.start_command = None
         self.monitor = None
         self.qmp_client = None
+        self._qmp_pid = None
         self.process = None
         self.allow_reboot = False
         self._console_buf = ""
@@ -264,6 +334,21 @@ class Machine:
         self.allow_reboot = allow_reboot
         self.log("starting vm")
         self._core.start(allow_reboot)
+        self._connect_qmp()
+
+    def _connect_qmp(self):
+        if self.qmp_client is not None:
+            self.qmp_client.close()
+        self.qmp_client = QMPSession(os.path.join(self.state_dir, "qmp"))
+        self._qmp_pid = self._core.pid
+
+    def _qmp(self):
+        """The QMP session of the running VMM (a new one after a reboot)."""
+        if not self._core.booted:
+            raise MachineError(f"{self.name}: the machine is not running")
+        if self.qmp_client is None or self._qmp_pid != self._core.pid:
+            self._connect_qmp()
+        return self.qmp_client
 
     def connect(self):
         if self.connected:
@@ -291,7 +376,11 @@ class Machine:
         if not self._core.booted:
             return
         self.log("forced crash")
-        self._core.kill()
+        try:
+            self._qmp().send("quit")
+        except MachineError as e:
+            self.log(f"QMP quit failed ({e}); killing skiff-vmm")
+            self._core.kill()
         self.wait_for_shutdown()
 
     def reboot(self):
@@ -303,6 +392,8 @@ class Machine:
 
     def release(self):
         self._core.release()
+        if self.qmp_client is not None:
+            self.qmp_client.close()
 
     # -- commands ------------------------------------------------------
     def _run_polling_conditions(self):
@@ -514,7 +605,26 @@ class Machine:
                     time.sleep(0.05)
 
     def wait_for_qmp_event(self, event_filter, timeout=600):
-        raise RuntimeError("QMP is not connected")
+        """The first QMP event (since the machine started) for which
+        event_filter(event) is true; other events are dropped."""
+        if self.qmp_client is None:
+            raise RuntimeError("QMP is not connected")
+        limit = _seconds(timeout)
+        start = time.monotonic()
+        while True:
+            left = limit - (time.monotonic() - start)
+            if left <= 0:
+                raise RequestedAssertionFailed(
+                    f"action timed out after {time.monotonic() - start:.2f} seconds (timeout={timeout})"
+                )
+            try:
+                event = self.qmp_client.events.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                if _skiff.interrupted():
+                    raise MachineError("the driver was interrupted")
+                continue
+            if event_filter(event):
+                return event
 
     # -- files ---------------------------------------------------------
     def _push_bytes(self, data, guest_cmd):
@@ -602,7 +712,11 @@ class Machine:
 
     # -- things skiff-vmm cannot do yet --------------------------------
     def send_monitor_command(self, command):
-        raise _not_here(self, "send_monitor_command", "a QEMU monitor socket")
+        """Runs a human monitor (HMP) command through QMP's
+        human-monitor-command and returns its output."""
+        self._run_polling_conditions()
+        with self.nested(f"sending monitor command: {command}"):
+            return self._qmp().send("human-monitor-command", {"command-line": command})
 
     def block(self):
         raise _not_here(self, "block()", "virtio-net")

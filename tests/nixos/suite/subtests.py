@@ -59,6 +59,15 @@ with subtest("polling conditions"):
             raise AssertionError("a failing polling condition did not raise")
     machine.succeed("true")
 
+with subtest("monitor and QMP events"):
+    assert "VM status: running" in machine.send_monitor_command("info status")
+    machine.send_monitor_command("stop")
+    assert machine.wait_for_qmp_event(lambda e: e["event"] == "STOP", timeout=30)["event"] == "STOP"
+    assert "VM status: paused" in machine.send_monitor_command("info status")
+    machine.send_monitor_command("cont")
+    machine.wait_for_qmp_event(lambda e: e["event"] == "RESUME", timeout=30)
+    assert machine.succeed("echo resumed") == "resumed\n"
+
 with subtest("not available yet"):
     for call in (
         lambda: machine.screenshot("shot"),
@@ -66,7 +75,6 @@ with subtest("not available yet"):
         lambda: machine.send_chars("abc"),
         lambda: machine.get_screen_text(),
         lambda: machine.wait_for_text("login"),
-        lambda: machine.send_monitor_command("info status"),
         lambda: machine.block(),
         lambda: machine.forward_port(),
     ):

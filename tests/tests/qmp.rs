@@ -43,11 +43,13 @@ fn qemu_qmp_drives_a_guest_and_replies_match_qemu() {
     );
     let sock = format!("/tmp/skiff-qmp-shapes-{}", std::process::id());
     let shapes_script = format!(
-        "cd {ws} && rm -rf {sock} && mkdir -p {sock} && truncate -s 64M {sock}/disk.img && \
+        "cd {ws} || exit 1; rm -rf {sock}; mkdir -p {sock}; truncate -s 64M {sock}/disk.img; \
          {vmm} --kernel {kernel} --initrd {initrd} --cmdline 'console=ttyS0 panic=-1 skiff.action=sleep' \
            --memory 256 --name fixture --disk path={sock}/disk.img --qmp {sock}/qmp.sock > {sock}/serial 2>&1 & \
-         python3 tests/qmp/qmp_shapes.py {sock}/qmp.sock --compare tests/qmp/fixtures/qemu.json; \
-         echo \"exit=$?\"; wait; echo \"vmm-exit=$?\"; rm -rf {sock}",
+         vmm=$!; \
+         python3 tests/qmp/qmp_shapes.py {sock}/qmp.sock --compare tests/qmp/fixtures/qemu.json 2>&1; \
+         st=$?; echo \"exit=$st\"; [ $st = 0 ] || kill $vmm; \
+         wait $vmm; echo \"vmm-exit=$?\"; rm -rf {sock}",
         ws = shell_quote(&workspace_root().display().to_string()),
         vmm = shell_quote(&skiff_vmm().display().to_string()),
         kernel = shell_quote(&f.microvm.display().to_string()),

@@ -166,6 +166,8 @@ def main():
                 t = time.perf_counter()
                 shell.succeed("true")
                 times.append(time.perf_counter() - t)
+                if len(times) % 50 == 0:
+                    print(f"qemu_backdoor: {len(times)} commands", file=sys.stderr, flush=True)
             result["loop_seconds"] = time.perf_counter() - loop_start
             result["loop_cpu"] = time.process_time() - cpu0
             result["loop_guest_wait"] = shell.waited - waited0

@@ -70,7 +70,10 @@ fn find_vmm(given: Option<&Path>) -> Result<PathBuf> {
         if !p.is_file() {
             bail!("skiff-vmm {} does not exist", p.display());
         }
-        return Ok(p.to_owned());
+        // VMMs start in their state directory: a relative path would break.
+        return p
+            .canonicalize()
+            .with_context(|| format!("resolving {}", p.display()));
     }
     let exe = std::env::current_exe().context("finding the skiff binary")?;
     if let Some(dir) = exe.parent() {

@@ -150,15 +150,17 @@ impl Logger {
                 message,
                 seconds,
             };
-            if let Ok(line) = serde_json::to_string(&ev) {
-                let _ = writeln!(f, "{line}");
+            if let Ok(mut line) = serde_json::to_string(&ev) {
+                line.push('\n');
+                let _ = f.write_all(line.as_bytes());
             }
         }
     }
 
     fn terminal(&self, line: &str) {
-        let mut e = io::stderr().lock();
-        let _ = writeln!(e, "{} {line}", self.paint("2", &clock()));
+        // One write per line.
+        let text = format!("{} {line}\n", self.paint("2", &clock()));
+        let _ = io::stderr().lock().write_all(text.as_bytes());
     }
 
     fn prefixed(machine: Option<&str>, msg: &str) -> String {

@@ -8,7 +8,7 @@
 //! 0x1_0000_0000 RAM continues above 4 GiB when the guest has more than 3 GiB
 //! ```
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -94,12 +94,36 @@ pub fn low_ram_end(size: u64) -> u64 {
 }
 
 /// Allocates guest memory of `size_mib` MiB (anonymous, lazily backed).
+///
+/// The RAM is offered to transparent huge pages (where the host's THP mode
+/// is `madvise` or `always`): KVM then maps the guest in 2 MiB pages, which
+/// saves a nested-paging fault per 4 KiB page the guest touches.
 pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&size_mib) {
         return Err(MemoryError::Size(size_mib));
     }
-    GuestMemoryMmap::from_ranges(&ram_ranges(size_mib << 20))
-        .map_err(|source| MemoryError::Allocate { size_mib, source })
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size_mib << 20))
+        .map_err(|source| MemoryError::Allocate { size_mib, source })?;
+    for region in mem.iter() {
+        // SAFETY: the range is exactly one mapping that `mem` owns and keeps
+        // alive; MADV_HUGEPAGE only changes how the kernel backs it, never
+        // its contents or its validity.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            // A kernel without THP: the guest still runs, on 4 KiB pages.
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(mem)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -14,7 +14,7 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, error, info, warn};
 use skiff_devices::legacy::{
     AcpiPmPort, Ged, PvPanic, Serial, SerialOutput, ACPI_PM_PORT_LEN, GED_PORT_LEN, I8042,
@@ -36,6 +36,7 @@ use crate::config::{ConsoleConfig, MonitorConfig};
 use crate::config::{SerialConfig, VmConfig};
 use crate::control::server::{self, Protocol, Socket};
 use crate::control::{ChardevInfo, DiskInfo, EventHub, MachineInfo, RunControl};
+use crate::cpu::coalesced::CoalescedRing;
 use crate::cpu::pause::{self, RunMapping, VcpuManager};
 use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -574,6 +575,31 @@ impl Vm {
         })
     }
 
+    /// Has KVM queue the guest's writes to the serial transmit register
+    /// instead of leaving KVM_RUN for each (see [`CoalescedRing`]); None
+    /// where KVM cannot, and every write then exits as usual.
+    fn coalesce_serial_output(&self) -> Option<Arc<Mutex<CoalescedRing>>> {
+        if !self.vm.check_extension(Cap::CoalescedPio) {
+            debug!("KVM has no KVM_CAP_COALESCED_PIO: every serial write exits");
+            return None;
+        }
+        let ring = match CoalescedRing::map(self.vcpus.first()?.as_raw_fd()) {
+            Ok(ring) => ring,
+            Err(e) => {
+                debug!("cannot map KVM's coalesced I/O ring ({e}): every serial write exits");
+                return None;
+            }
+        };
+        // Only the transmit register (the divisor latch's low byte while
+        // DLAB is set): the guest reads no state back from a write there.
+        let thr = IoEventAddress::Pio(u64::from(SERIAL_PORT));
+        if let Err(e) = self.vm.register_coalesced_mmio(thr, 1) {
+            debug!("KVM_REGISTER_COALESCED_MMIO for the serial port: {e}");
+            return None;
+        }
+        Some(Arc::new(Mutex::new(ring)))
+    }
+
     /// Runs the VM until it stops; returns why. The vCPU threads are left
     /// parked or running: the caller is expected to exit the process.
     pub fn run(mut self) -> Result<ExitReason, VmError> {
@@ -607,6 +633,7 @@ impl Vm {
             self.config.memory_mib
         );
         pause::install_kick_handler().map_err(setup_err("the vCPU kick signal"))?;
+        let coalesced = self.coalesce_serial_output();
         let vcpus = Arc::new(VcpuManager::new(self.vm.clone(), self.vcpus.len()));
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let run = RunMapping::new(vcpu.as_raw_fd(), self.vcpu_mmap_size)
@@ -615,6 +642,7 @@ impl Vm {
                 index,
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
+                coalesced: coalesced.clone(),
                 stopping: self.stopping.clone(),
                 events: self.events_tx.clone(),
                 vcpus: vcpus.clone(),
@@ -652,19 +680,56 @@ impl Vm {
             )
         };
 
-        let reason = self.events_rx.recv().map_err(|_| VmError::Setup {
+        let gone = || VmError::Setup {
             what: "the VM event channel",
             detail: "all senders are gone".into(),
-        })?;
+        };
+        let reason = match &coalesced {
+            None => self.events_rx.recv().map_err(|_| gone())?,
+            // Writes a guest queued and then never followed with another
+            // exit still reach their device within the interval.
+            Some(ring) => loop {
+                match self.events_rx.recv_timeout(COALESCED_REPLAY_INTERVAL) {
+                    Ok(reason) => break reason,
+                    Err(RecvTimeoutError::Timeout) => replay(ring, &self.pio, &self.mmio),
+                    Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+                }
+            },
+        };
         self.stopping.store(true, Ordering::SeqCst);
         control.exiting(&reason);
         if let Some(server) = server {
             server.finish(MONITOR_FLUSH_TIMEOUT);
         }
+        if let Some(ring) = &coalesced {
+            replay(ring, &self.pio, &self.mmio);
+            debug!(
+                "KVM queued {} serial writes without an exit",
+                crate::bus::lock(ring).taken()
+            );
+        }
         let _ = crate::bus::lock(&self.serial).flush();
         let _ = std::io::stdout().flush();
         Ok(reason)
     }
+}
+
+/// How often the main thread replays KVM's coalesced write queue.
+const COALESCED_REPLAY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Replays the writes KVM queued in `ring` to the devices they address,
+/// oldest first.
+fn replay(ring: &Mutex<CoalescedRing>, pio: &Bus, mmio: &Bus) {
+    crate::bus::lock(ring).drain(|w| {
+        let handled = if w.pio {
+            pio.write(w.addr, w.data())
+        } else {
+            mmio.write(w.addr, w.data())
+        };
+        if !handled {
+            debug!("queued write to unhandled address {:#x}", w.addr);
+        }
+    });
 }
 
 /// How long monitor clients get to receive their last replies and events
@@ -675,6 +740,7 @@ struct VcpuContext {
     index: usize,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    coalesced: Option<Arc<Mutex<CoalescedRing>>>,
     stopping: Arc<AtomicBool>,
     events: Sender<ExitReason>,
     vcpus: Arc<VcpuManager>,
@@ -736,6 +802,11 @@ impl VcpuContext {
     }
 
     fn handle_exit(&self, exit: VcpuExit<'_>) -> Next {
+        // Writes the guest queued before this exit reach their devices
+        // before the exit's own access does.
+        if let Some(ring) = &self.coalesced {
+            replay(ring, &self.pio, &self.mmio);
+        }
         match exit {
             VcpuExit::IoIn(port, data) => {
                 if !self.pio.read(u64::from(port), data) {

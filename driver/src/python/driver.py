@@ -7,7 +7,6 @@ backdoor shell and the logs.
 """
 
 import base64
-import code
 import datetime
 import io
 import json
@@ -18,10 +17,8 @@ import threading
 import re
 import shlex
 import sys
-import tarfile
 import time
 import traceback
-import unittest
 from contextlib import contextmanager
 
 import _skiff
@@ -659,6 +656,8 @@ class Machine:
             info.uname = info.gname = "root"
             return info
 
+        import tarfile
+
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             tar.add(source, arcname=name, filter=as_root)
@@ -682,6 +681,8 @@ class Machine:
             raise RequestedAssertionFailed(f"copying {source} from the VM failed (exit code {status})")
         dest = os.path.abspath(os.path.join(self.out_dir, target_dir))
         os.makedirs(dest, exist_ok=True)
+        import tarfile
+
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             _extract(tar, dest)
 
@@ -813,6 +814,8 @@ BaseMachine = Machine
 
 def _extract(tar, dest):
     """Extracts a guest-made archive; nothing may land outside dest."""
+    import tarfile
+
     if hasattr(tarfile, "data_filter"):
         tar.extractall(dest, filter="data")
         return
@@ -834,11 +837,25 @@ def _command_failed(machine, command, output, message):
     return e
 
 
-class _Assertions(unittest.TestCase):
-    failureException = RequestedAssertionFailed
+class _Assertions:
+    """`t`: unittest.TestCase's assertion methods (t.assertEqual, t.assertIn,
+    ...), raising RequestedAssertionFailed. unittest is imported on first
+    use: it is the driver's largest import and most scripts never use `t`."""
 
-    def runTest(self):
-        pass
+    _case = None
+
+    def __getattr__(self, name):
+        if _Assertions._case is None:
+            import unittest
+
+            class Case(unittest.TestCase):
+                failureException = RequestedAssertionFailed
+
+                def runTest(self):
+                    pass
+
+            _Assertions._case = Case()
+        return getattr(_Assertions._case, name)
 
 
 class _Debug:
@@ -991,6 +1008,7 @@ def main(test_name, script, script_name, out_dir, state_dir, interactive, cores)
     log.log(f"additionally exposed symbols: {exposed}")
     try:
         if interactive:
+            import code
             import readline  # noqa: F401  (line editing in the REPL)
             import signal
 

@@ -1,6 +1,7 @@
 //! vCPU state for a 64-bit Linux boot: CPUID, MSRs, registers, segments and
 //! identity page tables, FPU and the LAPIC's LINT pins.
 
+pub mod coalesced;
 pub mod cpuid;
 pub mod pause;
 

@@ -44,11 +44,10 @@ fn systemd_reaches_multi_user_under_both_kernels() {
         "cmd=systemctl is-active multi-user.target && findmnt -n -o FSTYPE / && uname -r",
     ];
     // The microVM guest also runs the backdoor stress with bash and the
-    // exact upstream framing: 1,000 commands, then 8 MiB of output. With
-    // 64 MiB the TCG test host hangs intermittently during the transfer
-    // (see the README); `skiff-guest-session --check stress` does 64 MiB.
+    // exact upstream framing: 1,000 commands with their outputs and exit
+    // statuses, then one command printing 64 MiB, compared by SHA-256.
     let mut microvm_checks = checks.to_vec();
-    microvm_checks.push("stress=8");
+    microvm_checks.push("stress=64");
     let specs = vec![
         VmSpec::session(
             "microvm-ext4",
@@ -86,6 +85,11 @@ fn systemd_reaches_multi_user_under_both_kernels() {
         let facts = run.assert_check("cmd");
         assert!(facts.contains("active"), "{}", run.describe());
     }
+    assert!(
+        o[0].assert_check("stress").contains("64 MiB intact"),
+        "{}",
+        o[0].describe()
+    );
     assert!(
         o[0].log.contains("ext4") && o[0].log.contains("skiff-microvm"),
         "{}",

@@ -353,14 +353,14 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOutput, VmError> {
     Ok(match config {
-        SerialConfig::None => SerialOutput::Sink,
-        SerialConfig::Stdio => SerialOutput::Writer(Box::new(std::io::stdout())),
+        SerialConfig::None => SerialOutput::sink(),
+        SerialConfig::Stdio => SerialOutput::writer(Box::new(std::io::stdout())),
         SerialConfig::File(path) => {
             let f = File::create(path).map_err(|source| VmError::SerialFile {
                 path: path.clone(),
                 source,
             })?;
-            SerialOutput::Writer(Box::new(f))
+            SerialOutput::writer(Box::new(f))
         }
     })
 }
@@ -684,17 +684,20 @@ impl Vm {
             what: "the VM event channel",
             detail: "all senders are gone".into(),
         };
-        let reason = match &coalesced {
-            None => self.events_rx.recv().map_err(|_| gone())?,
-            // Writes a guest queued and then never followed with another
-            // exit still reach their device within the interval.
-            Some(ring) => loop {
-                match self.events_rx.recv_timeout(COALESCED_REPLAY_INTERVAL) {
-                    Ok(reason) => break reason,
-                    Err(RecvTimeoutError::Timeout) => replay(ring, &self.pio, &self.mmio),
-                    Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+        // Every interval: writes the guest queued and then never followed
+        // with another exit reach their device, and the serial output's
+        // unfinished line (a prompt) is written out.
+        let reason = loop {
+            match self.events_rx.recv_timeout(OUTPUT_INTERVAL) {
+                Ok(reason) => break reason,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(ring) = &coalesced {
+                        replay(ring, &self.pio, &self.mmio);
+                    }
+                    let _ = crate::bus::lock(&self.serial).flush();
                 }
-            },
+                Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+            }
         };
         self.stopping.store(true, Ordering::SeqCst);
         control.exiting(&reason);
@@ -714,8 +717,9 @@ impl Vm {
     }
 }
 
-/// How often the main thread replays KVM's coalesced write queue.
-const COALESCED_REPLAY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often the main thread replays KVM's coalesced write queue and
+/// writes out held serial output.
+const OUTPUT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Replays the writes KVM queued in `ring` to the devices they address,
 /// oldest first.

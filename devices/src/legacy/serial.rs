@@ -10,27 +10,69 @@ use crate::{BusDevice, EventFdTrigger};
 /// Size of the UART's port range (8 registers).
 pub const SERIAL_PORT_LEN: u64 = 8;
 
+/// Most bytes of a line held back before they are written anyway.
+pub const SERIAL_HOLD_MAX: usize = 4096;
+
 /// Where the guest's serial output goes.
-pub enum SerialOutput {
-    /// Discard it.
-    Sink,
-    /// Any writer: stdout, a file, a socket.
-    Writer(Box<dyn Write + Send>),
+///
+/// The UART model flushes after every byte, which would cost a write
+/// system call per byte here and wake whoever reads the other end once per
+/// byte (a booting Linux prints tens of KiB to ttyS0). So output is held
+/// until a line ends or [`SERIAL_HOLD_MAX`] bytes are waiting; the rest of
+/// a line (a prompt) goes out on [`Serial::flush`], which the VMM calls
+/// every few milliseconds and when the VM ends.
+pub struct SerialOutput {
+    out: Option<Box<dyn Write + Send>>,
+    held: Vec<u8>,
+}
+
+impl SerialOutput {
+    /// Output that is discarded.
+    pub fn sink() -> Self {
+        SerialOutput {
+            out: None,
+            held: Vec::new(),
+        }
+    }
+
+    /// Output to any writer: stdout, a file, a socket.
+    pub fn writer(out: Box<dyn Write + Send>) -> Self {
+        SerialOutput {
+            out: Some(out),
+            held: Vec::new(),
+        }
+    }
+
+    /// Writes out what is held back. On failure the held bytes are dropped
+    /// (the UART cannot stall the guest) and the error returned.
+    fn push(&mut self) -> io::Result<()> {
+        let Some(out) = self.out.as_mut() else {
+            return Ok(());
+        };
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let res = out.write_all(&self.held).and_then(|_| out.flush());
+        self.held.clear();
+        res
+    }
 }
 
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            SerialOutput::Sink => Ok(buf.len()),
-            SerialOutput::Writer(w) => w.write(buf),
+        if self.out.is_none() {
+            return Ok(buf.len());
         }
+        self.held.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.held.len() >= SERIAL_HOLD_MAX {
+            self.push()?;
+        }
+        Ok(buf.len())
     }
 
+    /// Holds on: see the type's documentation.
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            SerialOutput::Sink => Ok(()),
-            SerialOutput::Writer(w) => w.flush(),
-        }
+        Ok(())
     }
 }
 
@@ -76,9 +118,9 @@ impl Serial {
         self.inner.fifo_capacity()
     }
 
-    /// Flushes the output.
+    /// Writes out any output held back (the end of an unfinished line).
     pub fn flush(&mut self) -> io::Result<()> {
-        self.inner.writer_mut().flush()
+        self.inner.writer_mut().push()
     }
 }
 
@@ -129,7 +171,7 @@ mod tests {
         let evt = EventFd::new(libc_nonblock()).unwrap();
         let s = Serial::new(
             EventFdTrigger::new(evt),
-            SerialOutput::Writer(Box::new(out.clone())),
+            SerialOutput::writer(Box::new(out.clone())),
         );
         (s, out)
     }
@@ -145,6 +187,61 @@ mod tests {
             s.write(0, &[*b]);
         }
         assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn output_is_written_a_line_at_a_time() {
+        let (mut s, out) = serial();
+        for b in b"login: " {
+            s.write(0, &[*b]);
+        }
+        assert!(out.0.lock().unwrap().is_empty(), "held until the line ends");
+        s.flush().unwrap();
+        assert_eq!(&*out.0.lock().unwrap(), b"login: ");
+        for b in b"root\nnext" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"login: root\n");
+        s.flush().unwrap();
+        assert_eq!(&*out.0.lock().unwrap(), b"login: root\nnext");
+    }
+
+    #[test]
+    fn a_long_line_is_written_in_pieces() {
+        let (mut s, out) = serial();
+        for _ in 0..SERIAL_HOLD_MAX + 10 {
+            s.write(0, b"x");
+        }
+        assert_eq!(out.0.lock().unwrap().len(), SERIAL_HOLD_MAX);
+    }
+
+    #[test]
+    fn a_failing_output_does_not_grow_or_stop_the_uart() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let evt = EventFd::new(libc_nonblock()).unwrap();
+        let mut s = Serial::new(
+            EventFdTrigger::new(evt),
+            SerialOutput::writer(Box::new(Broken)),
+        );
+        for _ in 0..3 {
+            for b in b"line\n" {
+                s.write(0, &[*b]);
+            }
+        }
+        assert!(s.output_failed);
+        assert!(s.inner.writer_mut().held.is_empty());
+        // The line status still says the transmitter is empty.
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 0x60, 0x60);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub trait Watcher {
 pub struct Shell {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// Read buffer, allocated (and zeroed) once rather than per read.
+    chunk: Vec<u8>,
     /// Time spent blocked on the guest so far.
     pub waited: Duration,
 }
@@ -74,24 +76,25 @@ impl Shell {
     /// Wraps a connection on which the banner has not been seen yet.
     pub fn new(stream: UnixStream) -> io::Result<Self> {
         stream.set_nonblocking(false)?;
+        // Reads wait at most a second, so that waits can report progress.
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
         Ok(Shell {
             stream,
             buf: Vec::new(),
+            chunk: vec![0; 65536],
             waited: Duration::ZERO,
         })
     }
 
     /// Reads once (waiting at most a second); false when nothing came.
     fn fill(&mut self) -> Result<bool, ShellError> {
-        self.stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-        let mut chunk = [0u8; 65536];
         let t = Instant::now();
-        let r = self.stream.read(&mut chunk);
+        let r = self.stream.read(&mut self.chunk);
         self.waited += t.elapsed();
         match r {
             Ok(0) => Err(ShellError::Closed),
             Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
+                self.buf.extend_from_slice(&self.chunk[..n]);
                 Ok(true)
             }
             Err(e)

@@ -12,4 +12,4 @@ pub use i8042::I8042;
 pub use power::{
     AcpiPmPort, PvPanic, ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLP_TYP_S5, PVPANIC_PORT_LEN,
 };
-pub use serial::{Serial, SerialOutput, SERIAL_HOLD_MAX, SERIAL_PORT_LEN};
+pub use serial::{Serial, SerialOutput, SERIAL_PORT_LEN};

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
+pub mod stats;
 pub mod vm;
 
 pub use config::{SerialConfig, VmConfig};

@@ -8,6 +8,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES,
@@ -42,6 +43,7 @@ use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{self, SerialInput};
 use crate::memory::{self, MemoryError, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::stats::{self, ExitCounts};
 
 /// Most vCPUs a VM may have (APIC ids fit in the MADT's byte fields).
 pub const MAX_CPUS: u8 = 254;
@@ -288,6 +290,21 @@ impl ExitReason {
     }
 }
 
+/// What wakes the main thread.
+enum MainEvent {
+    /// The VM ends.
+    Exit(ExitReason),
+    /// The serial port started holding back an unfinished line: write it
+    /// out within [`OUTPUT_INTERVAL`] unless the line ends first.
+    OutputHeld,
+}
+
+impl From<ExitReason> for MainEvent {
+    fn from(reason: ExitReason) -> Self {
+        MainEvent::Exit(reason)
+    }
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
     config: VmConfig,
@@ -298,8 +315,11 @@ pub struct Vm {
     serial_input: Option<Arc<Mutex<SerialInput>>>,
     device_subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
     stopping: Arc<AtomicBool>,
-    events_tx: Sender<ExitReason>,
-    events_rx: std::sync::mpsc::Receiver<ExitReason>,
+    events_tx: Sender<MainEvent>,
+    events_rx: std::sync::mpsc::Receiver<MainEvent>,
+    /// Set while a flush of held serial output is due (one wake-up of the
+    /// main thread per [`OUTPUT_INTERVAL`] at most, none while quiet).
+    output_due: Arc<AtomicBool>,
     monitors: Vec<(Protocol, Socket)>,
     info: MachineInfo,
     ged: Arc<Mutex<Ged<EventFdTrigger>>>,
@@ -351,16 +371,27 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
-fn serial_output(config: &SerialConfig) -> Result<SerialOutput, VmError> {
+fn serial_output(
+    config: &SerialConfig,
+    due: Arc<AtomicBool>,
+    events: Sender<MainEvent>,
+) -> Result<SerialOutput, VmError> {
+    let notify = move || {
+        if !due.swap(true, Ordering::SeqCst) {
+            let _ = events.send(MainEvent::OutputHeld);
+        }
+    };
     Ok(match config {
         SerialConfig::None => SerialOutput::sink(),
-        SerialConfig::Stdio => SerialOutput::writer(Box::new(std::io::stdout())),
+        SerialConfig::Stdio => {
+            SerialOutput::writer(Box::new(std::io::stdout())).notify_held(notify)
+        }
         SerialConfig::File(path) => {
             let f = File::create(path).map_err(|source| VmError::SerialFile {
                 path: path.clone(),
                 source,
             })?;
-            SerialOutput::writer(Box::new(f))
+            SerialOutput::writer(Box::new(f)).notify_held(notify)
         }
     })
 }
@@ -455,15 +486,16 @@ impl Vm {
                     GuestPowerEvent::Panic => ExitReason::Panic,
                 };
                 stopping.store(true, Ordering::SeqCst);
-                let _ = tx.send(reason);
+                let _ = tx.send(reason.into());
             })
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup_err("the serial IRQ"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let output_due = Arc::new(AtomicBool::new(false));
         let serial = Arc::new(Mutex::new(Serial::new(
             EventFdTrigger::new(serial_irq),
-            serial_output(&config.serial)?,
+            serial_output(&config.serial, output_due.clone(), events_tx.clone())?,
         )));
         let mut pio = Bus::new();
         let bus_err = |e: crate::bus::BusError| VmError::Setup {
@@ -566,6 +598,7 @@ impl Vm {
             stopping,
             events_tx,
             events_rx,
+            output_due,
             monitors,
             info,
             ged,
@@ -621,7 +654,7 @@ impl Vm {
             .name("signals".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    let _ = signals_tx.send(ExitReason::Signal(sig));
+                    let _ = signals_tx.send(ExitReason::Signal(sig).into());
                 }
             })
             .map_err(setup_err("the signal thread"))?;
@@ -635,6 +668,7 @@ impl Vm {
         pause::install_kick_handler().map_err(setup_err("the vCPU kick signal"))?;
         let coalesced = self.coalesce_serial_output();
         let vcpus = Arc::new(VcpuManager::new(self.vm.clone(), self.vcpus.len()));
+        let exits = Arc::new(ExitCounts::default());
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let run = RunMapping::new(vcpu.as_raw_fd(), self.vcpu_mmap_size)
                 .map_err(setup_err("a vCPU's kvm_run mapping"))?;
@@ -646,6 +680,7 @@ impl Vm {
                 stopping: self.stopping.clone(),
                 events: self.events_tx.clone(),
                 vcpus: vcpus.clone(),
+                exits: exits.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -667,7 +702,7 @@ impl Vm {
                 }
             }),
             Box::new(move |reason| {
-                let _ = crate::bus::lock(&exit_tx).send(reason);
+                let _ = crate::bus::lock(&exit_tx).send(reason.into());
             }),
         ));
         let monitors = std::mem::take(&mut self.monitors);
@@ -684,17 +719,49 @@ impl Vm {
             what: "the VM event channel",
             detail: "all senders are gone".into(),
         };
-        // Every interval: writes the guest queued and then never followed
-        // with another exit reach their device, and the serial output's
-        // unfinished line (a prompt) is written out.
+        // The main thread wakes only when there is something to do:
+        // - held serial output (a prompt) is written out OUTPUT_INTERVAL
+        //   after the serial port says it holds some;
+        // - writes the guest queued in the coalesced ring and never
+        //   followed with another exit (a guest's own exits replay the ring
+        //   first) reach their device on a safety-net tick, every
+        //   OUTPUT_INTERVAL while it finds writes there, backing off to
+        //   QUEUE_CHECK_MAX while it finds none.
+        let mut flush_at: Option<Instant> = None;
+        let mut check_every = OUTPUT_INTERVAL;
+        let mut check_at = Instant::now() + check_every;
         let reason = loop {
-            match self.events_rx.recv_timeout(OUTPUT_INTERVAL) {
-                Ok(reason) => break reason,
+            let wake = flush_at.map_or(check_at, |f| f.min(check_at));
+            match self
+                .events_rx
+                .recv_timeout(wake.saturating_duration_since(Instant::now()))
+            {
+                Ok(MainEvent::Exit(reason)) => break reason,
+                Ok(MainEvent::OutputHeld) => {
+                    flush_at.get_or_insert_with(|| Instant::now() + OUTPUT_INTERVAL);
+                }
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Some(ring) = &coalesced {
-                        replay(ring, &self.pio, &self.mmio);
+                    let now = Instant::now();
+                    if flush_at.is_some_and(|f| f <= now) {
+                        flush_at = None;
+                        // Cleared first: output held from here on asks again.
+                        self.output_due.store(false, Ordering::SeqCst);
+                        if let Some(ring) = &coalesced {
+                            replay(ring, &self.pio, &self.mmio);
+                        }
+                        let _ = crate::bus::lock(&self.serial).flush();
                     }
-                    let _ = crate::bus::lock(&self.serial).flush();
+                    if check_at <= now {
+                        let found = coalesced
+                            .as_ref()
+                            .map_or(0, |ring| replay(ring, &self.pio, &self.mmio));
+                        check_every = if found > 0 {
+                            OUTPUT_INTERVAL
+                        } else {
+                            (check_every * 2).min(QUEUE_CHECK_MAX)
+                        };
+                        check_at = now + check_every;
+                    }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(gone()),
             }
@@ -704,12 +771,17 @@ impl Vm {
         if let Some(server) = server {
             server.finish(MONITOR_FLUSH_TIMEOUT);
         }
-        if let Some(ring) = &coalesced {
+        let queued = coalesced.as_ref().map_or(0, |ring| {
             replay(ring, &self.pio, &self.mmio);
-            debug!(
-                "KVM queued {} serial writes without an exit",
-                crate::bus::lock(ring).taken()
-            );
+            crate::bus::lock(ring).taken()
+        });
+        info!(
+            "vCPU exits to skiff-vmm: {}; serial writes KVM queued without an exit: {queued}",
+            exits.summary()
+        );
+        match stats::thread_times() {
+            Ok(times) => info!("CPU time: {}", stats::summary(&times)),
+            Err(e) => debug!("cannot read the threads' CPU time: {e}"),
         }
         let _ = crate::bus::lock(&self.serial).flush();
         let _ = std::io::stdout().flush();
@@ -717,14 +789,20 @@ impl Vm {
     }
 }
 
-/// How often the main thread replays KVM's coalesced write queue and
-/// writes out held serial output.
-const OUTPUT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long held serial output waits for the rest of its line, and how
+/// often the main thread looks for queued writes while it finds some.
+const OUTPUT_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The longest the main thread leaves KVM's coalesced write queue
+/// unchecked while the guest is quiet.
+const QUEUE_CHECK_MAX: Duration = Duration::from_millis(640);
 
 /// Replays the writes KVM queued in `ring` to the devices they address,
-/// oldest first.
-fn replay(ring: &Mutex<CoalescedRing>, pio: &Bus, mmio: &Bus) {
-    crate::bus::lock(ring).drain(|w| {
+/// oldest first; returns how many there were.
+fn replay(ring: &Mutex<CoalescedRing>, pio: &Bus, mmio: &Bus) -> u64 {
+    let mut ring = crate::bus::lock(ring);
+    let before = ring.taken();
+    ring.drain(|w| {
         let handled = if w.pio {
             pio.write(w.addr, w.data())
         } else {
@@ -734,6 +812,7 @@ fn replay(ring: &Mutex<CoalescedRing>, pio: &Bus, mmio: &Bus) {
             debug!("queued write to unhandled address {:#x}", w.addr);
         }
     });
+    ring.taken() - before
 }
 
 /// How long monitor clients get to receive their last replies and events
@@ -746,8 +825,9 @@ struct VcpuContext {
     mmio: Arc<Bus>,
     coalesced: Option<Arc<Mutex<CoalescedRing>>>,
     stopping: Arc<AtomicBool>,
-    events: Sender<ExitReason>,
+    events: Sender<MainEvent>,
     vcpus: Arc<VcpuManager>,
+    exits: Arc<ExitCounts>,
 }
 
 /// What a vCPU exit asks of the run loop.
@@ -777,7 +857,7 @@ impl VcpuContext {
                 Next::Continue | Next::InternalError => {}
                 Next::Stop(reason) => {
                     self.stopping.store(true, Ordering::SeqCst);
-                    let _ = self.events.send(reason);
+                    let _ = self.events.send(reason.into());
                     break;
                 }
                 Next::Crash(what) => {
@@ -787,7 +867,7 @@ impl VcpuContext {
                         cpu::describe_registers(&vcpu)
                     );
                     self.stopping.store(true, Ordering::SeqCst);
-                    let _ = self.events.send(ExitReason::Crash(msg));
+                    let _ = self.events.send(ExitReason::Crash(msg).into());
                     break;
                 }
             }
@@ -811,6 +891,14 @@ impl VcpuContext {
         if let Some(ring) = &self.coalesced {
             replay(ring, &self.pio, &self.mmio);
         }
+        let counter = match &exit {
+            VcpuExit::IoIn(..) => &self.exits.port_reads,
+            VcpuExit::IoOut(..) => &self.exits.port_writes,
+            VcpuExit::MmioRead(..) => &self.exits.mmio_reads,
+            VcpuExit::MmioWrite(..) => &self.exits.mmio_writes,
+            _ => &self.exits.other,
+        };
+        ExitCounts::count(counter);
         match exit {
             VcpuExit::IoIn(port, data) => {
                 if !self.pio.read(u64::from(port), data) {

@@ -20,10 +20,12 @@ pub const SERIAL_HOLD_MAX: usize = 4096;
 /// byte (a booting Linux prints tens of KiB to ttyS0). So output is held
 /// until a line ends or [`SERIAL_HOLD_MAX`] bytes are waiting; the rest of
 /// a line (a prompt) goes out on [`Serial::flush`], which the VMM calls
-/// every few milliseconds and when the VM ends.
+/// soon after it is told that output is held (see
+/// [`SerialOutput::notify_held`]) and when the VM ends.
 pub struct SerialOutput {
     out: Option<Box<dyn Write + Send>>,
     held: Vec<u8>,
+    on_held: Option<Box<dyn Fn() + Send>>,
 }
 
 impl SerialOutput {
@@ -32,6 +34,7 @@ impl SerialOutput {
         SerialOutput {
             out: None,
             held: Vec::new(),
+            on_held: None,
         }
     }
 
@@ -40,7 +43,17 @@ impl SerialOutput {
         SerialOutput {
             out: Some(out),
             held: Vec::new(),
+            on_held: None,
         }
+    }
+
+    /// Calls `f` whenever output starts being held back (the start of an
+    /// unfinished line), so that whoever calls [`Serial::flush`] knows a
+    /// flush is due and needs no timer while the guest is quiet. `f` runs
+    /// on the thread that handles the guest's write: it must not block.
+    pub fn notify_held(mut self, f: impl Fn() + Send + 'static) -> Self {
+        self.on_held = Some(Box::new(f));
+        self
     }
 
     /// Writes out what is held back. On failure the held bytes are dropped
@@ -63,9 +76,14 @@ impl Write for SerialOutput {
         if self.out.is_none() {
             return Ok(buf.len());
         }
+        let was_empty = self.held.is_empty();
         self.held.extend_from_slice(buf);
         if buf.contains(&b'\n') || self.held.len() >= SERIAL_HOLD_MAX {
             self.push()?;
+        } else if was_empty {
+            if let Some(f) = &self.on_held {
+                f();
+            }
         }
         Ok(buf.len())
     }
@@ -204,6 +222,47 @@ mod tests {
         assert_eq!(&*out.0.lock().unwrap(), b"login: root\n");
         s.flush().unwrap();
         assert_eq!(&*out.0.lock().unwrap(), b"login: root\nnext");
+    }
+
+    #[test]
+    fn holding_output_is_announced_once_per_unfinished_line() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let out = Shared::default();
+        let told = Arc::new(AtomicUsize::new(0));
+        let t = told.clone();
+        let evt = EventFd::new(libc_nonblock()).unwrap();
+        let mut s = Serial::new(
+            EventFdTrigger::new(evt),
+            SerialOutput::writer(Box::new(out.clone())).notify_held(move || {
+                t.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        for b in b"done\n" {
+            s.write(0, &[*b]);
+        }
+        // The line's first byte starts a hold; its newline writes it out.
+        assert_eq!(told.load(Ordering::SeqCst), 1, "told once for the line");
+        assert_eq!(&*out.0.lock().unwrap(), b"done\n");
+        for b in b"login: " {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(
+            told.load(Ordering::SeqCst),
+            2,
+            "told once more for the prompt"
+        );
+        s.flush().unwrap();
+        assert_eq!(&*out.0.lock().unwrap(), b"done\nlogin: ");
+        // A complete line written at once is never held.
+        s.inner.writer_mut().write_all(b"whole\n").unwrap();
+        assert_eq!(told.load(Ordering::SeqCst), 2);
+        // Output that goes nowhere is never held either.
+        let evt = EventFd::new(libc_nonblock()).unwrap();
+        let mut quiet = Serial::new(
+            EventFdTrigger::new(evt),
+            SerialOutput::sink().notify_held(|| panic!("nothing is held for a sink")),
+        );
+        quiet.write(0, b"x");
     }
 
     #[test]

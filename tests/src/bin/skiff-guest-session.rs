@@ -135,6 +135,43 @@ fn check(name: &str, arg: Option<&str>, b: &mut Backdoor) -> Result<String, Stri
     }
 }
 
+/// If process `pid` (a child) has exited, its CPU time while it was alive
+/// (user, system, and the guest's share), read from /proc before it is
+/// reaped; None while it runs.
+fn exited_cpu_time(pid: u32) -> Option<String> {
+    // SAFETY: an all-zero siginfo_t is a valid value to be filled in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid siginfo_t for waitid to write; WNOWAIT
+    // leaves the child to be reaped by Child::try_wait.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid filled `info` (si_pid stays 0 while the child runs).
+    if r != 0 || unsafe { info.si_pid() } == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // proc(5) numbers fields from 1; the list starts at field 3.
+    let secs = |n: usize| Some(fields.get(n - 3)?.parse::<f64>().ok()? / hz);
+    Some(format!(
+        "user {:.2} s, system {:.2} s, guest {:.2} s",
+        secs(14)?,
+        secs(15)?,
+        secs(43)?
+    ))
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut socket = None;
@@ -210,7 +247,11 @@ fn main() -> ExitCode {
     }
     // Wait for the VMM, bounded.
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut cpu = None;
     let status = loop {
+        if cpu.is_none() {
+            cpu = exited_cpu_time(child.id());
+        }
         match child.try_wait() {
             Ok(Some(s)) => break s.code(),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
@@ -222,6 +263,9 @@ fn main() -> ExitCode {
         }
     };
     log(&format!("vmm exit status {status:?}"));
+    if let Some(cpu) = cpu {
+        log(&format!("vmm cpu: {cpu}"));
+    }
     let _ = std::fs::remove_file(&socket);
     if ok && status == Some(0) {
         ExitCode::SUCCESS

@@ -42,6 +42,7 @@ fn assert_booted(o: &VmOutcome, cpus: u8, mib: u64) {
         "no power-off log line:\n{}",
         o.describe()
     );
+    assert_costs_logged(o);
     let nproc: u32 = o
         .guest_fact("nproc")
         .and_then(|v| v.parse().ok())
@@ -63,6 +64,41 @@ fn assert_booted(o: &VmOutcome, cpus: u8, mib: u64) {
         asked_kb - reserve_kb,
         o.describe()
     );
+}
+
+/// The number after `key` in `text` (up to the next space, comma, 's' or
+/// parenthesis).
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// skiff-vmm's closing lines: its exits by kind (a guest logging to ttyS0
+/// reads the line status register) and its threads' CPU time, part of it
+/// the guest's own.
+fn assert_costs_logged(o: &VmOutcome) {
+    let exits = number_after(&o.log, "vCPU exits to skiff-vmm: ");
+    let port_reads = number_after(&o.log, "(port reads ");
+    assert!(
+        exits.is_some_and(|n| n > 0.0) && port_reads.is_some_and(|n| n > 0.0),
+        "no exit counts (got {exits:?}, port reads {port_reads:?}):\n{}",
+        o.describe()
+    );
+    let total = number_after(&o.log, "CPU time: ");
+    let guest = o
+        .log
+        .find(" in all, ")
+        .and_then(|i| number_after(&o.log[i..], " in all, "));
+    match (total, guest) {
+        (Some(total), Some(guest)) if guest > 0.0 && guest <= total => {}
+        _ => panic!(
+            "no CPU time line with a guest share (got {total:?}, {guest:?}):\n{}",
+            o.describe()
+        ),
+    }
 }
 
 fn boot_matrix(label: &str, kernel: &std::path::Path) {

@@ -66,8 +66,7 @@ fn assert_booted(o: &VmOutcome, cpus: u8, mib: u64) {
     );
 }
 
-/// The number after `key` in `text` (up to the next space, comma, 's' or
-/// parenthesis).
+/// The number after the first `key` in `text` (its digits and dots).
 fn number_after(text: &str, key: &str) -> Option<f64> {
     let rest = &text[text.find(key)? + key.len()..];
     let end = rest

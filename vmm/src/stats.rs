@@ -77,12 +77,17 @@ pub fn parse_stat(text: &str, tick: Duration) -> Option<ThreadTime> {
     })
 }
 
+/// The length of the clock tick that /proc counts CPU time in.
+pub fn clock_tick() -> Duration {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Duration::from_secs(1) / u32::try_from(hz).unwrap_or(100).max(1)
+}
+
 /// The CPU time of every thread of this process (threads that have
 /// already ended are not listed).
 pub fn thread_times() -> std::io::Result<Vec<ThreadTime>> {
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let tick = Duration::from_secs(1) / u32::try_from(hz).unwrap_or(100).max(1);
+    let tick = clock_tick();
     let mut times = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task")? {
         let path = entry?.path().join("stat");

@@ -742,24 +742,25 @@ impl Vm {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let now = Instant::now();
-                    if flush_at.is_some_and(|f| f <= now) {
+                    let flush = flush_at.is_some_and(|f| f <= now);
+                    if flush {
                         flush_at = None;
                         // Cleared first: output held from here on asks again.
                         self.output_due.store(false, Ordering::SeqCst);
-                        if let Some(ring) = &coalesced {
-                            replay(ring, &self.pio, &self.mmio);
-                        }
+                    }
+                    // One replay serves both: queued writes reach the UART
+                    // before its held output is written out.
+                    let found = coalesced
+                        .as_ref()
+                        .map_or(0, |ring| replay(ring, &self.pio, &self.mmio));
+                    if flush {
                         let _ = crate::bus::lock(&self.serial).flush();
                     }
-                    if check_at <= now {
-                        let found = coalesced
-                            .as_ref()
-                            .map_or(0, |ring| replay(ring, &self.pio, &self.mmio));
-                        check_every = if found > 0 {
-                            OUTPUT_INTERVAL
-                        } else {
-                            (check_every * 2).min(QUEUE_CHECK_MAX)
-                        };
+                    if found > 0 {
+                        check_every = OUTPUT_INTERVAL;
+                        check_at = now + check_every;
+                    } else if check_at <= now {
+                        check_every = (check_every * 2).min(QUEUE_CHECK_MAX);
                         check_at = now + check_every;
                     }
                 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use skiff_tests::backdoor::Backdoor;
+use skiff_vmm::stats::{clock_tick, parse_stat};
 
 fn log(msg: &str) {
     eprintln!("skiff-guest-session: {msg}");
@@ -156,19 +157,12 @@ fn exited_cpu_time(pid: u32) -> Option<String> {
         return None;
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .collect();
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // proc(5) numbers fields from 1; the list starts at field 3.
-    let secs = |n: usize| Some(fields.get(n - 3)?.parse::<f64>().ok()? / hz);
+    let t = parse_stat(&stat, clock_tick())?;
     Some(format!(
         "user {:.2} s, system {:.2} s, guest {:.2} s",
-        secs(14)?,
-        secs(15)?,
-        secs(43)?
+        t.user.as_secs_f64(),
+        t.system.as_secs_f64(),
+        t.guest.as_secs_f64()
     ))
 }
 

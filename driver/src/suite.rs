@@ -41,6 +41,23 @@ struct Entry {
     result: Option<(String, Duration)>,
 }
 
+/// The lines of a failed test's log worth showing next to its verdict: the
+/// error report (`!!!` lines) when there is one, else the log's last lines.
+fn failure_excerpt(log: &str) -> Vec<&str> {
+    const MAX: usize = 40;
+    // Log lines start with a clock, then the text.
+    let is_report = |l: &&str| {
+        l.starts_with("!!!") || l.split_once(' ').is_some_and(|(_, t)| t.starts_with("!!!"))
+    };
+    let report: Vec<&str> = log.lines().filter(is_report).collect();
+    let lines = if report.is_empty() {
+        log.lines().collect()
+    } else {
+        report
+    };
+    lines[lines.len().saturating_sub(MAX)..].to_vec()
+}
+
 /// Runs every description; returns 0 when all passed.
 pub fn run(args: &TestArgs) -> Result<u8> {
     if args.script.is_some() {
@@ -149,6 +166,13 @@ pub fn run(args: &TestArgs) -> Result<u8> {
                         format!(" (see {})", entries[i].out_dir.join("driver.log").display())
                     }
                 );
+                if !status.success() {
+                    let log = entries[i].out_dir.join("driver.log");
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    for line in failure_excerpt(&text) {
+                        eprintln!("skiff: {} | {line}", entries[i].name);
+                    }
+                }
                 entries[i].result = Some((verdict.to_owned(), took));
             } else {
                 k += 1;
@@ -184,4 +208,28 @@ pub fn run(args: &TestArgs) -> Result<u8> {
         started.elapsed().as_secs_f64()
     )?;
     Ok(u8::from(failed > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_excerpt;
+
+    #[test]
+    fn a_failed_test_shows_its_error_report_or_its_last_lines() {
+        let log = "02:01:00.1 client: starting vm\n02:01:00.2 !!! Traceback (most recent call last):\n!!!   x\nclient: exited\n02:01:00.3 !!! machine: client\n";
+        assert_eq!(
+            failure_excerpt(log),
+            [
+                "02:01:00.2 !!! Traceback (most recent call last):",
+                "!!!   x",
+                "02:01:00.3 !!! machine: client"
+            ]
+        );
+        let long: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let tail = failure_excerpt(&long);
+        assert_eq!(tail.len(), 40);
+        assert_eq!(tail[0], "line 60");
+        assert_eq!(tail[39], "line 99");
+        assert!(failure_excerpt("").is_empty());
+    }
 }

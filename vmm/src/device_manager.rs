@@ -145,6 +145,9 @@ impl DeviceManager {
             vm.register_irqfd(d.interrupt().eventfd(), slot.irq)
                 .map_err(kvm_err("the interrupt (irqfd)"))?;
             for (i, evt) in d.queue_events().iter().enumerate() {
+                if d.notified_in_vcpu(i) {
+                    continue;
+                }
                 vm.register_ioevent(
                     evt,
                     &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET),

@@ -8,7 +8,12 @@
 //! 0x1_0000_0000 RAM continues above 4 GiB when the guest has more than 3 GiB
 //! ```
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::ops::Deref;
+
+use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 /// Boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -71,8 +76,97 @@ pub enum MemoryError {
         /// Requested size.
         size_mib: u64,
         /// Why.
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
+    /// The mappings could not be made into guest memory.
+    #[error("cannot set up guest memory: {0}")]
+    Regions(#[from] FromRangesError),
+}
+
+/// Where guest RAM mappings start in the host's address space: a multiple
+/// of the x86 large page size, so that KVM can map guest-physical 2 MiB
+/// pages to host 2 MiB pages. KVM maps a memory slot with large pages only
+/// where guest-physical and host-virtual addresses agree modulo 2 MiB;
+/// without this every 4 KiB page the guest touches costs a nested-paging
+/// fault. QEMU aligns its RAM the same way. (Linux 6.7 and later align
+/// large anonymous mappings by themselves; older hosts do not.)
+pub const HOST_RAM_ALIGN: usize = 2 << 20;
+
+/// One anonymous mapping of guest RAM starting at a [`HOST_RAM_ALIGN`]
+/// boundary, unmapped on drop.
+struct AlignedMapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; it is only
+// unmapped on drop, and the raw pointer is never dereferenced through it.
+unsafe impl Send for AlignedMapping {}
+// SAFETY: as above; shared references give no access to the memory.
+unsafe impl Sync for AlignedMapping {}
+
+impl AlignedMapping {
+    const PROT: i32 = libc::PROT_READ | libc::PROT_WRITE;
+    const FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+    fn new(len: usize) -> std::io::Result<Self> {
+        let padded = len
+            .checked_add(HOST_RAM_ALIGN)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's
+        // choosing; nothing else refers to it.
+        let base =
+            unsafe { libc::mmap(std::ptr::null_mut(), padded, Self::PROT, Self::FLAGS, -1, 0) };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = base as usize;
+        let aligned = start.next_multiple_of(HOST_RAM_ALIGN);
+        let head = aligned - start;
+        let tail = padded - head - len;
+        // SAFETY: both ranges lie inside the mapping just made and outside
+        // [aligned, aligned + len), which is kept; unmapping page-aligned
+        // parts of one's own mapping cannot fail in a way that matters here
+        // (the worst case is a few unused pages left mapped).
+        unsafe {
+            if head > 0 {
+                libc::munmap(base, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(AlignedMapping {
+            addr: aligned as *mut u8,
+            len,
+        })
+    }
+}
+
+impl Drop for AlignedMapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range this value mapped; the guest memory
+        // object that pointed into it is dropped first (see GuestRam).
+        unsafe {
+            libc::munmap(self.addr.cast(), self.len);
+        }
+    }
+}
+
+/// Guest RAM: the guest memory object, over mappings this value owns.
+/// Dereferences to the [`GuestMemoryMmap`] everything else uses.
+pub struct GuestRam {
+    // Declared (so dropped) before the mappings it points into.
+    mem: GuestMemoryMmap,
+    _mappings: Vec<AlignedMapping>,
+}
+
+impl Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
 }
 
 /// The RAM ranges (start, length) for a guest of `size` bytes: one below the
@@ -95,15 +189,35 @@ pub fn low_ram_end(size: u64) -> u64 {
 
 /// Allocates guest memory of `size_mib` MiB (anonymous, lazily backed).
 ///
-/// The RAM is offered to transparent huge pages (where the host's THP mode
-/// is `madvise` or `always`): KVM then maps the guest in 2 MiB pages, which
-/// saves a nested-paging fault per 4 KiB page the guest touches.
-pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// Each range is mapped at a [`HOST_RAM_ALIGN`] boundary and offered to
+/// transparent huge pages (where the host's THP mode is `madvise` or
+/// `always`): KVM then maps the guest in 2 MiB pages, which saves a
+/// nested-paging fault per 4 KiB page the guest touches.
+pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&size_mib) {
         return Err(MemoryError::Size(size_mib));
     }
-    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size_mib << 20))
-        .map_err(|source| MemoryError::Allocate { size_mib, source })?;
+    let mut mappings = Vec::new();
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(size_mib << 20) {
+        let map = AlignedMapping::new(len)
+            .map_err(|source| MemoryError::Allocate { size_mib, source })?;
+        // SAFETY: [map.addr, map.addr + len) is a live mapping that `map`
+        // owns; it is kept in the GuestRam beside the region, which is
+        // dropped first.
+        let region = unsafe {
+            MmapRegionBuilder::new(len)
+                .with_mmap_prot(AlignedMapping::PROT)
+                .with_mmap_flags(AlignedMapping::FLAGS)
+                .with_raw_mmap_pointer(map.addr)
+        }
+        .build()
+        .map_err(FromRangesError::from)?;
+        mappings.push(map);
+        regions
+            .push(GuestRegionMmap::new(region, start).ok_or(FromRangesError::InvalidGuestRegion)?);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(FromRangesError::from)?;
     for region in mem.iter() {
         // SAFETY: the range is exactly one mapping that `mem` owns and keeps
         // alive; MADV_HUGEPAGE only changes how the kernel backs it, never
@@ -123,13 +237,16 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemoryMmap, MemoryError
             );
         }
     }
-    Ok(mem)
+    Ok(GuestRam {
+        mem,
+        _mappings: mappings,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn small_guest_has_one_region() {
@@ -160,6 +277,25 @@ mod tests {
             assert!((MMIO_GAP_START..MMIO_GAP_END).contains(&addr));
         }
         const { assert!(KVM_IDENTITY_MAP_START + 0x1000 <= KVM_TSS_START) };
+    }
+
+    #[test]
+    fn ram_starts_on_large_page_boundaries() {
+        // Three sizes, the last split around the MMIO gap.
+        for mib in [64, 1000, 3 * 1024 + 512] {
+            let mem = create_guest_memory(mib).unwrap();
+            for region in mem.iter() {
+                let host = mem.get_host_address(region.start_addr()).unwrap() as usize;
+                assert_eq!(host % HOST_RAM_ALIGN, 0, "{mib} MiB: host {host:#x}");
+                assert_eq!(region.start_addr().0 % HOST_RAM_ALIGN as u64, 0);
+            }
+            let total: u64 = mem.iter().map(|r| r.len()).sum();
+            assert_eq!(total, mib << 20);
+            // The memory is usable end to end.
+            let last = GuestAddress(low_ram_end(mib << 20) - 8);
+            mem.write_obj(0x1234_5678u64, last).unwrap();
+            assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x1234_5678);
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use skiff_devices::virtio::block::{Block, BlockConfig};
 use skiff_devices::virtio::console::{Console, ConsoleBackend};
 use skiff_devices::virtio::rng::Rng;
 use skiff_devices::{EventFdTrigger, GuestPowerEvent, PowerEventSink};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::acpi::{
@@ -326,7 +326,7 @@ pub struct Vm {
     vcpu_mmap_size: usize,
     vm: Arc<VmFd>,
     // Kept alive for the VM's lifetime: KVM maps this memory.
-    _mem: GuestMemoryMmap,
+    _mem: memory::GuestRam,
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {

@@ -11,7 +11,9 @@
 //!   (at most [`CHUNK`] bytes) and written to the backend. When the backend
 //!   cannot take more (EAGAIN, or the socket is disconnected), the device
 //!   stops taking chains, so the guest blocks, and resumes on EPOLLOUT or
-//!   reconnection.
+//!   reconnection. With a socket backend, the transmit queue is served in
+//!   the vCPU thread that notifies it (see `notified_in_vcpu`); the event
+//!   loop takes over whenever the socket pushes back.
 //! * host to guest: input is read only into a receive buffer the guest
 //!   posted. Without one, the input fd is dropped from the event loop until
 //!   the guest notifies the receive queue.
@@ -777,6 +779,33 @@ impl VirtioDevice for Console {
         &self.interrupt
     }
 
+    /// Guest output to a socket is moved in the notifying vCPU's thread.
+    /// The guest's hvc driver busy-waits, interrupts off, until the device
+    /// has used each buffer it sends; taking the buffer before the vCPU
+    /// re-enters the guest ends that wait at once instead of after the
+    /// event loop's thread has been scheduled (on a busy or single-CPU
+    /// host, a scheduler time slice per buffer). Socket writes never block
+    /// (the stream is non-blocking); stdout and files stay on the event loop.
+    fn notified_in_vcpu(&self, index: usize) -> bool {
+        index == TRANSMITQ && matches!(self.endpoint, Endpoint::Socket { .. })
+    }
+
+    fn queue_notify(&mut self, index: usize) {
+        if index == TRANSMITQ && self.notified_in_vcpu(index) {
+            self.process_tx();
+            // What is left for the event loop: output the socket would not
+            // take (watch EPOLLOUT), a lost connection (close it, then
+            // reconnect), or a queue found broken.
+            if self.has_pending_output() || !self.closing.is_empty() || !self.activated() {
+                let _ = self.queue_events[TRANSMITQ].write(1);
+            }
+            return;
+        }
+        if let Some(evt) = self.queue_events.get(index) {
+            let _ = evt.write(1);
+        }
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data)
     }
@@ -1256,6 +1285,85 @@ mod tests {
         assert!(got == expected, "output corrupted");
         assert_eq!(dev.watched(), vec![(fd, EventSet::IN)]);
         assert!(guest.used(TRANSMITQ).iter().all(|&(_, len)| len == 0));
+    }
+
+    #[test]
+    fn socket_output_is_taken_in_the_notifying_thread() {
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        let (a, mut peer) = UnixStream::pair().unwrap();
+        let mut dev = Dev::on_stream(a);
+        {
+            let c = dev.lock();
+            assert!(c.notified_in_vcpu(TRANSMITQ));
+            assert!(!c.notified_in_vcpu(RECEIVEQ));
+        }
+        dev.activate(&guest, true);
+        dev.settle();
+        let _ = dev.irq.read();
+        guest.send(&[b"hello ", b"world\n"]);
+        // What the transport does on a QueueNotify write: no event loop
+        // runs, yet the chain is used and the bytes are on the socket.
+        dev.lock().queue_notify(TRANSMITQ);
+        assert_eq!(guest.used_idx(TRANSMITQ), 1);
+        assert_eq!(drain(&mut peer), b"hello world\n");
+        assert!(dev.irq.read().is_ok(), "no used-buffer interrupt");
+        // Nothing was left for the event loop.
+        assert_eq!(dev.em.run_with_timeout(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn notifying_thread_hands_a_full_socket_to_the_event_loop() {
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        let (a, mut peer) = UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        let mut dev = Dev::on_stream(a);
+        dev.activate(&guest, true);
+        dev.settle();
+        let mut expected = Vec::new();
+        for c in 0..100u32 {
+            let chunk: Vec<u8> = (0..8192u32).map(|i| ((i * 3 + c) % 251) as u8).collect();
+            guest.send(&[&chunk]);
+            expected.extend_from_slice(&chunk);
+        }
+        dev.lock().queue_notify(TRANSMITQ);
+        // The socket filled up: output is held and the event loop was
+        // woken to watch EPOLLOUT.
+        assert!(guest.used_idx(TRANSMITQ) < 100);
+        dev.settle();
+        assert_eq!(dev.watched(), vec![(fd, EventSet::IN | EventSet::OUT)]);
+        let total = expected.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; total];
+            peer.read_exact(&mut got).unwrap();
+            (got, peer)
+        });
+        dev.run_until(|_| guest.used_idx(TRANSMITQ) == 100);
+        dev.settle();
+        let (got, _peer) = reader.join().unwrap();
+        assert!(got == expected, "output corrupted");
+        assert_eq!(dev.watched(), vec![(fd, EventSet::IN)]);
+    }
+
+    #[test]
+    fn file_output_stays_on_the_event_loop() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.as_path().join("out.log");
+        let backend = ConsoleBackend::File(path.clone());
+        let mut dev = Dev::new(|irq| Console::new(&backend, irq).unwrap());
+        assert!(!dev.lock().notified_in_vcpu(TRANSMITQ));
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        dev.activate(&guest, true);
+        dev.settle();
+        guest.send(&[b"line\n"]);
+        // The notification only wakes the event loop.
+        dev.lock().queue_notify(TRANSMITQ);
+        assert_eq!(guest.used_idx(TRANSMITQ), 0);
+        dev.settle();
+        assert_eq!(guest.used_idx(TRANSMITQ), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), b"line\n");
     }
 
     #[test]

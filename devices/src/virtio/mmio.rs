@@ -299,13 +299,18 @@ impl MmioTransport {
             0x038 => self.update_queue(|q| q.set_size(v as u16)),
             0x044 => self.update_queue(|q| q.set_ready(v == 1)),
             0x050 => {
-                // Normally absorbed by an ioeventfd; forward it otherwise.
-                let dev = lock(&self.device);
-                match dev.queue_events().get(v as usize) {
-                    Some(evt) => {
+                // Absorbed by an ioeventfd unless the device handles this
+                // queue's notifications in the vCPU thread.
+                let mut dev = lock(&self.device);
+                if (v as usize) < dev.queue_events().len() {
+                    if self.activated {
+                        dev.queue_notify(v as usize);
+                    } else if let Some(evt) = dev.queue_events().get(v as usize) {
+                        // Taken up at activation.
                         let _ = evt.write(1);
                     }
-                    None => warn!("{}: notify for absent queue {v}", self.name),
+                } else {
+                    warn!("{}: notify for absent queue {v}", self.name);
                 }
             }
             0x064 => {
@@ -385,6 +390,7 @@ mod tests {
         activations: usize,
         resets: usize,
         fail_activate: bool,
+        inline_notifies: Vec<usize>,
         config: [u8; 8],
     }
 
@@ -399,6 +405,7 @@ mod tests {
                 activations: 0,
                 resets: 0,
                 fail_activate: false,
+                inline_notifies: Vec::new(),
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
             }
         }
@@ -433,6 +440,16 @@ mod tests {
         }
         fn reset(&mut self) {
             self.resets += 1;
+        }
+        fn notified_in_vcpu(&self, index: usize) -> bool {
+            index == 1
+        }
+        fn queue_notify(&mut self, index: usize) {
+            if index == 1 {
+                self.inline_notifies.push(index);
+            } else {
+                let _ = self.events[index].write(1);
+            }
         }
     }
 
@@ -551,6 +568,28 @@ mod tests {
         let (mut t, _) = transport(d);
         bring_up(&mut t);
         assert_ne!(read(&mut t, 0x70) & DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn queue_notify_reaches_the_device_once_it_runs() {
+        let (mut t, dev) = transport(Dummy::new());
+        // Before DRIVER_OK: the eventfd holds it for activation.
+        write(&mut t, 0x50, 1);
+        assert!(dev.lock().unwrap().inline_notifies.is_empty());
+        assert_eq!(dev.lock().unwrap().events[1].read().unwrap(), 1);
+        bring_up(&mut t);
+        for e in &dev.lock().unwrap().events {
+            let _ = e.read();
+        }
+        write(&mut t, 0x50, 1);
+        write(&mut t, 0x50, 0);
+        let d = dev.lock().unwrap();
+        assert_eq!(d.inline_notifies, vec![1]);
+        assert_eq!(d.events[0].read().unwrap(), 1);
+        assert!(
+            d.events[1].read().is_err(),
+            "inline queue also woke the loop"
+        );
     }
 
     #[test]

@@ -131,8 +131,28 @@ pub trait VirtioDevice: Send {
     /// The features the device offers (must include VERSION_1).
     fn features(&self) -> u64;
     /// One eventfd per queue, written when the driver notifies the queue
-    /// (the VMM registers them as KVM ioeventfds on QueueNotify).
+    /// (the VMM registers them as KVM ioeventfds on QueueNotify, except for
+    /// the queues of [`VirtioDevice::notified_in_vcpu`]).
     fn queue_events(&self) -> &[EventFd];
+    /// Whether the driver's notifications of queue `index` are handled in
+    /// the notifying vCPU's thread, by [`VirtioDevice::queue_notify`],
+    /// instead of through an ioeventfd and the event loop. Worth it only
+    /// where the guest driver busy-waits for the device (virtio-console
+    /// output) and the work cannot block. Fixed for the device's lifetime.
+    fn notified_in_vcpu(&self, index: usize) -> bool {
+        let _ = index;
+        false
+    }
+    /// The driver notified queue `index` (QueueNotify) and no ioeventfd took
+    /// it: by default its eventfd is written, for the event loop.
+    fn queue_notify(&mut self, index: usize) {
+        match self.queue_events().get(index) {
+            Some(evt) => {
+                let _ = evt.write(1);
+            }
+            None => log::warn!("notify for absent queue {index}"),
+        }
+    }
     /// The device's interrupt.
     fn interrupt(&self) -> &std::sync::Arc<Interrupt>;
     /// Reads from the device-specific configuration space.

@@ -268,3 +268,81 @@ fn interactive_mode_defines_the_machines_and_starts_none() {
     assert!(r.output.contains("none started"), "{}", r.output);
     assert!(!r.output.contains("skiff-vmm running"), "{}", r.output);
 }
+
+/// A stand-in for skiff-vmm (after a line `delay = SECONDS`): it opens its
+/// QMP socket (greets, answers every command) after `delay` seconds, then
+/// answers the backdoor on its console with empty output and status 0,
+/// and exits 0 at `poweroff`. With `delay` negative it exits with status 1
+/// after that many seconds instead, without any socket.
+const STUB_VMM: &str = r#"import base64, socket, sys, threading, time
+time.sleep(abs(delay))
+if delay < 0:
+    sys.exit(1)
+qmp = socket.socket(socket.AF_UNIX)
+qmp.bind(sys.argv[sys.argv.index("--qmp") + 1])
+qmp.listen(1)
+def serve():
+    conn = qmp.accept()[0]
+    conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+    for _ in conn.makefile("rb"):
+        conn.sendall(b'{"return": {}}\r\n')
+threading.Thread(target=serve, daemon=True).start()
+con = socket.socket(socket.AF_UNIX)
+con.connect(sys.argv[sys.argv.index("--console") + 1].split("=", 1)[1])
+con.sendall(b"Spawning backdoor root shell...\n")
+for line in con.makefile("rb"):
+    if line.startswith(b"poweroff"):
+        sys.exit(0)
+    if line.startswith(b"echo ${PIPESTATUS[0]}"):
+        con.sendall(b"0\n")
+    else:
+        con.sendall(base64.b64encode(b"") + b"\n")
+"#;
+
+fn run_stub(label: &str, qmp_delay: &str) -> (Run, std::time::Duration) {
+    let dir = setup(label);
+    let stub = dir.join("stub-vmm");
+    std::fs::write(
+        &stub,
+        format!("#!/usr/bin/env python3\ndelay = {qmp_delay}\n{STUB_VMM}"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("t.json"),
+        r#"{"name":"t","nodes":{"box":{"kernel":"kernel"}},"script":"box.start()\nbox.succeed('true')\nbox.shutdown()\n"}"#,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let r = skiff(&dir, &["t.json", "--vmm", stub.to_str().unwrap()]);
+    (r, t.elapsed())
+}
+
+#[test]
+fn a_vmm_slow_to_open_its_qmp_socket_is_waited_for() {
+    // Longer than the 10 s the driver once waited, on any host.
+    let (r, _) = run_stub("driver-slow-qmp", "16");
+    assert_eq!(r.status, Some(0), "{}", r.output);
+    assert!(
+        r.output
+            .contains("box: waiting for skiff-vmm's QMP socket (15s)"),
+        "{}",
+        r.output
+    );
+}
+
+#[test]
+fn a_vmm_that_dies_before_its_qmp_socket_fails_at_once() {
+    let (r, took) = run_stub("driver-dead-qmp", "-1");
+    assert_eq!(r.status, Some(1), "{}", r.output);
+    assert!(
+        r.output.contains("skiff-vmm exited before its QMP socket"),
+        "{}",
+        r.output
+    );
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "took {took:?}:\n{}",
+        r.output
+    );
+}

@@ -189,23 +189,44 @@ class QMPSession:
     """A QMP client for one VMM run: the greeting and negotiation, then
     commands with their replies; events are queued for wait_for_qmp_event."""
 
-    def __init__(self, path, timeout=10.0):
-        deadline = time.monotonic() + timeout
+    def __init__(self, path, timeout=300.0, alive=None, progress=None):
+        """Connects to `path`, waiting for the socket to appear for as long
+        as `alive()` holds (the VMM creates it while it starts, which on a
+        loaded host takes seconds), at most `timeout` seconds; `progress`
+        gets a line every 15 s of waiting."""
+        start = time.monotonic()
+        reported = start
         while True:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self.sock.connect(path)
                 break
-            except OSError:
+            except OSError as e:
                 self.sock.close()
-                if time.monotonic() > deadline:
-                    raise MachineError(f"cannot connect to the QMP socket {path}")
+                now = time.monotonic()
+                if alive is not None and not alive():
+                    raise MachineError(
+                        f"skiff-vmm exited before its QMP socket {path} came up"
+                    )
+                if now - start > timeout:
+                    raise MachineError(
+                        f"cannot connect to the QMP socket {path} within {timeout:.0f} s: {e}"
+                    )
+                if progress is not None and now - reported >= 15:
+                    reported = now
+                    progress(f"waiting for skiff-vmm's QMP socket ({now - start:.0f}s)")
                 time.sleep(0.02)
+        # The greeting comes at once; a VMM that never sends it is stuck.
+        self.sock.settimeout(60)
         self.file = self.sock.makefile("rb")
         self.events = queue.Queue()
         self.replies = queue.Queue()
         self.lock = threading.Lock()
-        greeting = json.loads(self.file.readline())
+        try:
+            greeting = json.loads(self.file.readline())
+        except (OSError, ValueError) as e:
+            raise MachineError(f"no QMP greeting on {path}: {e}")
+        self.sock.settimeout(None)
         if "QMP" not in greeting:
             raise MachineError(f"unexpected QMP greeting: {greeting}")
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -336,8 +357,13 @@ class Machine:
     def _connect_qmp(self):
         if self.qmp_client is not None:
             self.qmp_client.close()
-        self.qmp_client = QMPSession(os.path.join(self.state_dir, "qmp"))
-        self._qmp_pid = self._core.pid
+        pid = self._core.pid
+        self.qmp_client = QMPSession(
+            os.path.join(self.state_dir, "qmp"),
+            alive=lambda: self._core.booted and self._core.pid == pid,
+            progress=self.log,
+        )
+        self._qmp_pid = pid
 
     def _qmp(self):
         """The QMP session of the running VMM (a new one after a reboot)."""

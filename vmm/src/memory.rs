@@ -154,7 +154,9 @@ impl Drop for AlignedMapping {
 }
 
 /// Guest RAM: the guest memory object, over mappings this value owns.
-/// Dereferences to the [`GuestMemoryMmap`] everything else uses.
+/// Dereferences to the [`GuestMemoryMmap`] everything else uses. Clones of
+/// that object do not keep the mappings alive: dropping this value unmaps
+/// them, so a running VM never drops it (see `Vm`).
 pub struct GuestRam {
     // Declared (so dropped) before the mappings it points into.
     mem: GuestMemoryMmap,

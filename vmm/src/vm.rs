@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -325,8 +326,9 @@ pub struct Vm {
     ged: Arc<Mutex<Ged<EventFdTrigger>>>,
     vcpu_mmap_size: usize,
     vm: Arc<VmFd>,
-    // Kept alive for the VM's lifetime: KVM maps this memory.
-    _mem: memory::GuestRam,
+    // Never unmapped: KVM's memory slots, the device thread and the vCPU
+    // threads (which `run` leaves behind for the process exit) all use it.
+    _mem: ManuallyDrop<memory::GuestRam>,
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
@@ -461,7 +463,8 @@ impl Vm {
                 flags: 0,
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the
-            // Vm keeps alive as long as the VmFd; regions never overlap.
+            // Vm never unmaps (it outlives the VmFd: see `Vm::_mem`; on an
+            // error below, the VmFd is dropped first); regions never overlap.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -604,7 +607,7 @@ impl Vm {
             ged,
             vcpu_mmap_size,
             vm: Arc::new(vm),
-            _mem: mem,
+            _mem: ManuallyDrop::new(mem),
         })
     }
 

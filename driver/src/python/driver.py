@@ -225,6 +225,7 @@ class QMPSession:
         try:
             greeting = json.loads(self.file.readline())
         except (OSError, ValueError) as e:
+            self.sock.close()
             raise MachineError(f"no QMP greeting on {path}: {e}")
         self.sock.settimeout(None)
         if "QMP" not in greeting:
@@ -357,13 +358,14 @@ class Machine:
     def _connect_qmp(self):
         if self.qmp_client is not None:
             self.qmp_client.close()
-        pid = self._core.pid
+        # booted stays true while skiff-vmm restarts after a guest reboot;
+        # the new one opens the socket at the same path.
         self.qmp_client = QMPSession(
             os.path.join(self.state_dir, "qmp"),
-            alive=lambda: self._core.booted and self._core.pid == pid,
+            alive=lambda: self._core.booted,
             progress=self.log,
         )
-        self._qmp_pid = pid
+        self._qmp_pid = self._core.pid
 
     def _qmp(self):
         """The QMP session of the running VMM (a new one after a reboot)."""

@@ -155,24 +155,23 @@ pub fn run(args: &TestArgs) -> Result<u8> {
             if let Some(status) = running[k].1.try_wait()? {
                 let (i, _, t0) = running.swap_remove(k);
                 let took = t0.elapsed();
-                let verdict = if status.success() { "passed" } else { "FAILED" };
-                eprintln!(
-                    "skiff: {} {verdict} in {:.1} s{}",
-                    entries[i].name,
-                    took.as_secs_f64(),
-                    if status.success() {
-                        String::new()
-                    } else {
-                        format!(" (see {})", entries[i].out_dir.join("driver.log").display())
-                    }
-                );
-                if !status.success() {
+                let name = &entries[i].name;
+                let secs = took.as_secs_f64();
+                let verdict = if status.success() {
+                    eprintln!("skiff: {name} passed in {secs:.1} s");
+                    "passed"
+                } else {
                     let log = entries[i].out_dir.join("driver.log");
+                    eprintln!(
+                        "skiff: {name} FAILED in {secs:.1} s (see {})",
+                        log.display()
+                    );
                     let text = std::fs::read_to_string(&log).unwrap_or_default();
                     for line in failure_excerpt(&text) {
-                        eprintln!("skiff: {} | {line}", entries[i].name);
+                        eprintln!("skiff: {name} | {line}");
                     }
-                }
+                    "FAILED"
+                };
                 entries[i].result = Some((verdict.to_owned(), took));
             } else {
                 k += 1;

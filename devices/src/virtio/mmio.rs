@@ -300,17 +300,16 @@ impl MmioTransport {
             0x044 => self.update_queue(|q| q.set_ready(v == 1)),
             0x050 => {
                 // Absorbed by an ioeventfd unless the device handles this
-                // queue's notifications in the vCPU thread.
+                // queue's notifications in the vCPU thread; before
+                // activation the eventfd holds it (activation wakes all).
                 let mut dev = lock(&self.device);
-                if (v as usize) < dev.queue_events().len() {
-                    if self.activated {
-                        dev.queue_notify(v as usize);
-                    } else if let Some(evt) = dev.queue_events().get(v as usize) {
-                        // Taken up at activation.
+                let i = v as usize;
+                match dev.queue_events().get(i) {
+                    Some(_) if self.activated && dev.notified_in_vcpu(i) => dev.queue_notify(i),
+                    Some(evt) => {
                         let _ = evt.write(1);
                     }
-                } else {
-                    warn!("{}: notify for absent queue {v}", self.name);
+                    None => warn!("{}: notify for absent queue {v}", self.name),
                 }
             }
             0x064 => {
@@ -445,11 +444,7 @@ mod tests {
             index == 1
         }
         fn queue_notify(&mut self, index: usize) {
-            if index == 1 {
-                self.inline_notifies.push(index);
-            } else {
-                let _ = self.events[index].write(1);
-            }
+            self.inline_notifies.push(index);
         }
     }
 

@@ -143,14 +143,13 @@ pub trait VirtioDevice: Send {
         let _ = index;
         false
     }
-    /// The driver notified queue `index` (QueueNotify) and no ioeventfd took
-    /// it: by default its eventfd is written, for the event loop.
+    /// The driver notified queue `index`, one of the queues of
+    /// [`VirtioDevice::notified_in_vcpu`], after activation; called in the
+    /// notifying vCPU's thread. By default its eventfd is written, for the
+    /// event loop.
     fn queue_notify(&mut self, index: usize) {
-        match self.queue_events().get(index) {
-            Some(evt) => {
-                let _ = evt.write(1);
-            }
-            None => log::warn!("notify for absent queue {index}"),
+        if let Some(evt) = self.queue_events().get(index) {
+            let _ = evt.write(1);
         }
     }
     /// The device's interrupt.

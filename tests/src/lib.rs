@@ -281,9 +281,11 @@ pub fn scratch_dir(label: &str) -> PathBuf {
 const HEARTBEAT_INTERVAL_S: u64 = 5;
 /// A test host whose heartbeat is older than this is hung.
 const HEARTBEAT_LIMIT_S: u64 = 120;
-/// Test hosts a batch gets: one that hangs (QEMU 7.2's TCG emulation of
-/// SVM locks up now and then under heavy guest console traffic) is replaced
-/// by a fresh one. A VM that fails is never retried.
+/// Test hosts a batch gets: one that hangs is reported (see
+/// [`hung_host_report`]) and replaced by a fresh one. Under QEMU 7.2 as the
+/// emulator that happened whenever a nested guest spun with interrupts off
+/// (tests/host/emulator); a hang now is news. A VM that fails is never
+/// retried.
 const HOST_ATTEMPTS: u32 = 3;
 /// Time a test host gets to boot and start its heartbeat.
 const HOST_BOOT_LIMIT_S: u64 = 300;
@@ -318,6 +320,11 @@ fn run_script(
             // (the test host or its guests triple-fault after a while).
             c.args(["--cpus", "1", "--memory", &host_memory_mib.to_string()])
                 .args(["--timeout", &total_timeout.to_string()])
+                // For the report on a test host that stops responding.
+                .arg("--monitor")
+                .arg(dir.join("monitor.sock"))
+                .arg("--console")
+                .arg(dir.join("host-console.log"))
                 // The workspace (binaries, scratch) and the fixture cache
                 // must be visible even where they live under /tmp, which
                 // the test host covers with a fresh tmpfs.
@@ -350,13 +357,62 @@ fn run_script(
             Err(_) => started.elapsed().as_secs() > HOST_BOOT_LIMIT_S,
         };
         if hung && mode == Mode::TestHost {
+            let report = hung_host_report(dir);
             // tests/host/run kills its QEMU when terminated.
             let _ = Command::new("kill").arg(child.id().to_string()).status();
             let _ = child.wait();
-            return BatchEnd::HostHung(read_output());
+            return BatchEnd::HostHung(format!("{}\n{report}", read_output()));
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+/// What a hung test host's emulated CPU is doing: its registers and next
+/// instructions, sampled twice a few seconds apart through the QEMU monitor
+/// (an unchanged RIP with IF clear is a lockup, a halted CPU a lost wakeup),
+/// and the end of its kernel console (soft lockup and RCU stall reports).
+fn hung_host_report(dir: &Path) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut report = String::from("--- the hung test host, seen through the QEMU monitor ---\n");
+    for sample in 1..=2 {
+        if sample > 1 {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
+        let _ = writeln!(report, "sample {sample}:");
+        match std::os::unix::net::UnixStream::connect(dir.join("monitor.sock")) {
+            Err(e) => {
+                let _ = writeln!(report, "(no monitor: {e})");
+            }
+            Ok(mut mon) => {
+                let _ = mon.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+                let _ = mon.write_all(b"info cpus\ninfo registers -a\nx/8i $pc\ninfo lapic\n");
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                while let Ok(n) = mon.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                // The monitor echoes each command line, with terminal
+                // escapes, after a "(qemu)" prompt: keep only the replies.
+                for line in String::from_utf8_lossy(&buf).lines() {
+                    if !line.starts_with("(qemu)") && !line.starts_with("QEMU ") {
+                        report.push_str(line.trim_end());
+                        report.push('\n');
+                    }
+                }
+            }
+        }
+    }
+    let console = std::fs::read_to_string(dir.join("host-console.log")).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    let _ = writeln!(
+        report,
+        "--- the end of the test host's kernel console ---\n{}",
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    );
+    report
 }
 
 /// Runs `specs` one after another, in the test host or directly (see

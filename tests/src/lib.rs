@@ -574,3 +574,72 @@ pub fn assert_clean(o: &VmOutcome) {
         o.serial
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::os::unix::net::UnixListener;
+
+    /// A monitor that answers each connection like QEMU's: a banner, then
+    /// for each command line its echo after a prompt and a canned reply.
+    fn fake_monitor(dir: &Path, connections: usize) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(dir.join("monitor.sock")).expect("bind");
+        std::thread::spawn(move || {
+            for _ in 0..connections {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut out = stream.try_clone().expect("clone");
+                let _ =
+                    out.write_all(b"QEMU 10.0.2 monitor - type 'help' for more information\r\n");
+                for line in BufReader::new(stream).lines() {
+                    let Ok(cmd) = line else { break };
+                    let reply = match cmd.as_str() {
+                        "info registers -a" => "CPU#0\r\nRIP=ffffffff81567c83 RFL=00000002 HLT=0",
+                        "info lapic" => "IRR\t 236",
+                        _ => "* CPU #0: thread_id=1",
+                    };
+                    let echo = format!("(qemu) \x1b[K{cmd}\x1b[D\r\n{reply}\r\n");
+                    let _ = out.write_all(echo.as_bytes());
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn hung_host_report_keeps_the_monitor_replies_and_the_console_end() {
+        let dir = std::env::temp_dir().join(format!("skiff-hung-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let console: String = (1..=100).map(|i| format!("console line {i}\n")).collect();
+        std::fs::write(dir.join("host-console.log"), console).unwrap();
+        let monitor = fake_monitor(&dir, 2);
+        let report = hung_host_report(&dir);
+        monitor.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        assert_eq!(
+            report.matches("RIP=ffffffff81567c83").count(),
+            2,
+            "{report}"
+        );
+        assert_eq!(report.matches("IRR\t 236").count(), 2, "{report}");
+        assert!(report.contains("sample 2:"), "{report}");
+        assert!(
+            !report.contains("(qemu)") && !report.contains("QEMU 10"),
+            "{report}"
+        );
+        assert!(report.contains("console line 100"), "{report}");
+        assert!(report.contains("console line 41\n"), "{report}");
+        assert!(!report.contains("console line 40\n"), "{report}");
+    }
+
+    #[test]
+    fn hung_host_report_says_when_there_is_no_monitor() {
+        let dir = std::env::temp_dir().join(format!("skiff-no-monitor-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = hung_host_report(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(report.matches("(no monitor:").count(), 2, "{report}");
+    }
+}

@@ -283,10 +283,9 @@ const HEARTBEAT_INTERVAL_S: u64 = 5;
 const HEARTBEAT_LIMIT_S: u64 = 120;
 /// Test hosts a batch gets: one that hangs is reported (see
 /// [`hung_host_report`]) and replaced by a fresh one. QEMU's TCG (7.2 and
-/// 10.0 alike) stops taking the test host's own interrupts while a nested
-/// guest vCPU runs with interrupts off, so a guest spinning that way on
-/// something only the test host can finish hangs it. A VM that fails is
-/// never retried.
+/// 10.0 alike) at times does not take the test host's own timer interrupt
+/// while a nested guest runs, so a guest vCPU spinning on a lock that its
+/// other vCPU holds hangs it. A VM that fails is never retried.
 const HOST_ATTEMPTS: u32 = 3;
 /// Time a test host gets to boot and start its heartbeat.
 const HOST_BOOT_LIMIT_S: u64 = 300;

@@ -367,10 +367,17 @@ fn run_script(
     }
 }
 
-/// What a hung test host's emulated CPU is doing: its registers and next
-/// instructions, sampled twice a few seconds apart through the QEMU monitor
-/// (an unchanged RIP with IF clear is a lockup, a halted CPU a lost wakeup),
-/// and the end of its kernel console (soft lockup and RCU stall reports).
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What a hung test host's emulated CPU is doing: its registers, next
+/// instructions and local APIC, sampled twice a few seconds apart through
+/// the QEMU monitor (an unchanged RIP is a spin, a halted CPU a lost
+/// wakeup, a vector left in IRR an interrupt never taken), and the end of
+/// its kernel console (soft lockup and RCU stall reports).
 fn hung_host_report(dir: &Path) -> String {
     use std::io::{Read as _, Write as _};
     let mut report = String::from("--- the hung test host, seen through the QEMU monitor ---\n");
@@ -406,11 +413,10 @@ fn hung_host_report(dir: &Path) -> String {
         }
     }
     let console = std::fs::read_to_string(dir.join("host-console.log")).unwrap_or_default();
-    let lines: Vec<&str> = console.lines().collect();
     let _ = writeln!(
         report,
         "--- the end of the test host's kernel console ---\n{}",
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        last_lines(&console, 60)
     );
     report
 }
@@ -494,13 +500,11 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
                         let Ok(bytes) = std::fs::read(dir.join(format!("{i}.{ext}"))) else {
                             continue;
                         };
-                        let body = String::from_utf8_lossy(&bytes);
-                        let lines: Vec<&str> = body.lines().collect();
                         let _ = writeln!(
                             text,
                             "--- run {i} ({}), the end of its {ext} ---\n{}",
                             spec.name,
-                            lines[lines.len().saturating_sub(20)..].join("\n")
+                            last_lines(&String::from_utf8_lossy(&bytes), 20)
                         );
                     }
                 }

@@ -13,7 +13,9 @@
 //!   stops taking chains, so the guest blocks, and resumes on EPOLLOUT or
 //!   reconnection. With a socket backend, the transmit queue is served in
 //!   the vCPU thread that notifies it (see `notified_in_vcpu`); the event
-//!   loop takes over whenever the socket pushes back.
+//!   loop takes over when the socket pushes back for longer than
+//!   [`VCPU_WAIT`]: until then that thread sleeps in `poll` (the guest's
+//!   vCPU would only spin, interrupts off, waiting for the buffer).
 //! * host to guest: input is read only into a receive buffer the guest
 //!   posted. Without one, the input fd is dropped from the event loop until
 //!   the guest notifies the receive queue.
@@ -47,6 +49,9 @@ pub const CONSOLE_QUEUE_SIZE: u16 = 256;
 /// Most bytes moved between the backend and one descriptor chain at a time;
 /// also the bound on guest output held in the host.
 pub const CHUNK: usize = 64 * 1024;
+/// Longest a notifying vCPU thread waits for a socket reader that pushed
+/// back before the event loop takes over (see `Console::wait_for_reader`).
+pub const VCPU_WAIT: Duration = Duration::from_millis(50);
 /// How often a lost socket connection is retried.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -298,6 +303,10 @@ pub struct Console {
     /// A stdio or file output failed for good: guest output is discarded.
     output_broken: bool,
 
+    /// Longest the notifying vCPU thread waits for a reader that pushed
+    /// back ([`VCPU_WAIT`]).
+    vcpu_wait: Duration,
+
     /// Backend fds in the event loop, with the events watched.
     registered: Vec<(RawFd, EventSet)>,
     /// Lost connections, closed once out of the event loop.
@@ -388,6 +397,7 @@ impl Console {
             tx_chain_offset: 0,
             output_unpollable: false,
             output_broken: false,
+            vcpu_wait: VCPU_WAIT,
             registered: Vec::new(),
             closing: Vec::new(),
         })
@@ -560,6 +570,43 @@ impl Console {
             if let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(TRANSMITQ)) {
                 notify_guest(queue, mem, &self.interrupt);
             }
+        }
+    }
+
+    /// Called in the notifying vCPU's thread when the socket pushed back:
+    /// waits up to [`VCPU_WAIT`] for the reader to make room, moving output
+    /// as it does, before the event loop takes over. The guest's hvc driver
+    /// spins with interrupts off until its buffer is used, so that vCPU can
+    /// do nothing else in the meantime; sleeping here instead of spinning in
+    /// the guest leaves the CPU to the reader, which on a single-CPU or busy
+    /// host is what the guest waits for. A kick (pause, shutdown) ends the
+    /// wait at once (the signal interrupts `poll`).
+    fn wait_for_reader(&mut self) {
+        let deadline = std::time::Instant::now() + self.vcpu_wait;
+        while self.has_pending_output() && !self.output_broken && self.activated() {
+            let Some(fd) = self.endpoint.output_fd() else {
+                return;
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call
+            // and the count passed is 1; `fd` is the open socket this device
+            // owns (it is not closed while `self` is borrowed).
+            let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ret <= 0 {
+                // Timed out, or interrupted by a kick: the event loop takes
+                // over.
+                return;
+            }
+            self.process_tx();
         }
     }
 
@@ -794,6 +841,7 @@ impl VirtioDevice for Console {
     fn queue_notify(&mut self, index: usize) {
         debug_assert!(self.notified_in_vcpu(index));
         self.process_tx();
+        self.wait_for_reader();
         // What is left for the event loop: output the socket would not take
         // (watch EPOLLOUT), a lost connection (close it, then reconnect), or
         // a queue found broken.
@@ -1345,6 +1393,66 @@ mod tests {
         assert_eq!(dev.watched(), vec![(fd, EventSet::IN | EventSet::OUT)]);
         let _peer = read_all_while_running(&mut dev, &guest, peer, &expected, 100);
         assert_eq!(dev.watched(), vec![(fd, EventSet::IN)]);
+    }
+
+    #[test]
+    fn notifying_thread_waits_for_a_reader_that_makes_room() {
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        let (a, mut peer) = UnixStream::pair().unwrap();
+        let mut dev = Dev::on_stream(a);
+        // A wait far longer than the reader needs, so a loaded machine
+        // cannot make this test fail; poll returns as soon as there is room.
+        dev.lock().vcpu_wait = Duration::from_secs(30);
+        dev.activate(&guest, true);
+        dev.settle();
+        let mut expected = Vec::new();
+        for c in 0..100u32 {
+            let chunk: Vec<u8> = (0..8192u32).map(|i| ((i * 5 + c) % 253) as u8).collect();
+            guest.send(&[&chunk]);
+            expected.extend_from_slice(&chunk);
+        }
+        let want = expected.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 65536];
+            while got.len() < want {
+                let n = peer.read(&mut buf).unwrap();
+                assert!(n > 0, "the device closed the socket");
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let started = Instant::now();
+        dev.lock().queue_notify(TRANSMITQ);
+        // 800 KiB is more than the socket holds: the notifying thread waited
+        // for the reader and moved every chain itself, leaving nothing to
+        // the event loop.
+        assert_eq!(guest.used_idx(TRANSMITQ), 100);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(reader.join().unwrap() == expected, "output differs");
+        dev.settle();
+        assert!(!dev.lock().has_pending_output());
+    }
+
+    #[test]
+    fn notifying_thread_gives_up_on_a_reader_that_does_not_read() {
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        let (a, _peer) = UnixStream::pair().unwrap();
+        let mut dev = Dev::on_stream(a);
+        dev.activate(&guest, true);
+        dev.settle();
+        for c in 0..100u32 {
+            guest.send(&[&vec![c as u8; 8192]]);
+        }
+        let started = Instant::now();
+        dev.lock().queue_notify(TRANSMITQ);
+        // Bounded: the vCPU thread returns after VCPU_WAIT, output held.
+        assert!(started.elapsed() >= VCPU_WAIT);
+        assert!(started.elapsed() < VCPU_WAIT + Duration::from_secs(5));
+        assert!(guest.used_idx(TRANSMITQ) < 100);
+        assert!(dev.lock().has_pending_output());
     }
 
     #[test]

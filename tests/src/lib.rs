@@ -289,12 +289,69 @@ const HEARTBEAT_LIMIT_S: u64 = 120;
 const HOST_ATTEMPTS: u32 = 3;
 /// Time a test host gets to boot and start its heartbeat.
 const HOST_BOOT_LIMIT_S: u64 = 300;
+/// A heartbeat older than this (four beats missed) gets the test host a
+/// nudge through the QEMU monitor, and another every [`NUDGE_EVERY_S`]
+/// while it stays late, taking turns through [`NUDGES`]. A hung test host
+/// spins in a nested guest and takes neither its own timer interrupt nor
+/// an NMI (README, Where VM tests run); what brings one back, if anything,
+/// goes into the batch's stall lines.
+const NUDGE_AFTER_S: u64 = 20;
+const NUDGE_EVERY_S: u64 = 10;
+/// What a stalled test host is sent, in turn: a stop and continue of its
+/// emulated CPU (which leaves and re-enters QEMU's execution loop) and an
+/// NMI.
+const NUDGES: [(&str, &str); 2] = [("stop and cont", "stop\ncont\n"), ("NMI", "nmi\n")];
+
+/// How a batch treats its test hosts.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// Test hosts the batch gets: a hung one is reported and replaced
+    /// until this many have hung.
+    pub host_attempts: u32,
+    /// Whether a late heartbeat gets the test host nudges (see
+    /// [`NUDGE_AFTER_S`]); `SKIFF_TEST_HOST_NUDGE=off` turns them off.
+    pub nudge: bool,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            host_attempts: HOST_ATTEMPTS,
+            nudge: std::env::var("SKIFF_TEST_HOST_NUDGE").as_deref() != Ok("off"),
+        }
+    }
+}
+
+/// A batch's outcome, with what happened to its test hosts.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// One outcome per spec, in order; `None` when every test host the
+    /// batch was given hung.
+    pub outcomes: Option<Vec<VmOutcome>>,
+    /// Test hosts that hung (no heartbeat for [`HEARTBEAT_LIMIT_S`]) and were
+    /// killed.
+    pub hung_hosts: u32,
+    /// One line per stall the test host came out of: how long its heartbeat
+    /// was late and the nudge sent last (`unstuck by NMI after 31 s`).
+    pub stalls: Vec<String>,
+}
 
 enum BatchEnd {
     /// The batch ran to its end: the runner's status and output.
     Finished(std::process::ExitStatus, String),
     /// The test host stopped responding and was killed.
     HostHung(String),
+}
+
+/// A late heartbeat being watched.
+struct Stall {
+    /// The last heartbeat before the stall.
+    last_beat: std::time::SystemTime,
+    /// Where the emulated CPU was when the stall was seen.
+    cpu: String,
+    /// Nudges sent, and when the last one was.
+    nudges: u32,
+    last_nudge: Option<Instant>,
 }
 
 /// Runs the batch script directly or in the test host, watching the test
@@ -305,6 +362,8 @@ fn run_script(
     script: &Path,
     host_memory_mib: u64,
     total_timeout: u64,
+    opts: &BatchOptions,
+    stalls: &mut Vec<String>,
 ) -> BatchEnd {
     let out_path = dir.join("runner.out");
     let out = std::fs::File::create(&out_path).expect("create runner output file");
@@ -346,18 +405,86 @@ fn run_script(
     let started = Instant::now();
     let heartbeat = dir.join("heartbeat");
     let read_output = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let mut stall: Option<Stall> = None;
     loop {
         if let Some(status) = child.try_wait().expect("wait for the batch") {
             return BatchEnd::Finished(status, read_output());
         }
-        let hung = match std::fs::metadata(&heartbeat).and_then(|m| m.modified()) {
-            Ok(beat) => beat
-                .elapsed()
-                .is_ok_and(|age| age.as_secs() > HEARTBEAT_LIMIT_S),
-            Err(_) => started.elapsed().as_secs() > HOST_BOOT_LIMIT_S,
+        let beat = std::fs::metadata(&heartbeat)
+            .and_then(|m| m.modified())
+            .ok();
+        let age = beat.and_then(|b| b.elapsed().ok()).map(|a| a.as_secs());
+        let hung = match age {
+            Some(age) => age > HEARTBEAT_LIMIT_S,
+            None => started.elapsed().as_secs() > HOST_BOOT_LIMIT_S,
         };
+        if mode == Mode::TestHost {
+            if let (Some(beat), Some(age)) = (beat, age) {
+                match stall.as_mut() {
+                    Some(s) if beat > s.last_beat => {
+                        // The heartbeat came back.
+                        let late = beat
+                            .duration_since(s.last_beat)
+                            .map_or(0, |d| d.as_secs())
+                            .saturating_sub(HEARTBEAT_INTERVAL_S);
+                        let line = match s.nudges {
+                            0 => format!("test host heartbeat {late} s late, resumed by itself"),
+                            n => format!(
+                                "test host unstuck by {} after {late} s ({n} nudge(s) sent); its CPU when the heartbeat was {NUDGE_AFTER_S} s late:\n{}",
+                                NUDGES[(n as usize - 1) % NUDGES.len()].0,
+                                s.cpu
+                            ),
+                        };
+                        // Straight to stderr, past the test harness's capture.
+                        let _ = std::io::Write::write_all(
+                            &mut std::io::stderr(),
+                            format!("[{}] {line}\n", dir.display()).as_bytes(),
+                        );
+                        stalls.push(line);
+                        stall = None;
+                    }
+                    Some(s) => {
+                        let due = s
+                            .last_nudge
+                            .is_none_or(|t| t.elapsed().as_secs() >= NUDGE_EVERY_S);
+                        if opts.nudge && due && !hung {
+                            let (_, commands) = NUDGES[s.nudges as usize % NUDGES.len()];
+                            let _ = monitor_command(dir, commands);
+                            s.nudges += 1;
+                            s.last_nudge = Some(Instant::now());
+                        }
+                    }
+                    None if age > NUDGE_AFTER_S => {
+                        let cpu = monitor_command(dir, "info registers\n")
+                            .map(|r| {
+                                r.lines()
+                                    .filter(|l| l.starts_with("RIP=") || l.starts_with("EFER="))
+                                    .collect::<Vec<_>>()
+                                    .join("\n")
+                            })
+                            .unwrap_or_else(|e| format!("(no monitor: {e})"));
+                        stall = Some(Stall {
+                            last_beat: beat,
+                            cpu,
+                            nudges: 0,
+                            last_nudge: None,
+                        });
+                        continue;
+                    }
+                    None => {}
+                }
+            }
+        }
         if hung && mode == Mode::TestHost {
-            let report = hung_host_report(dir);
+            let mut report = hung_host_report(dir);
+            if let Some(s) = &stall {
+                let _ = writeln!(
+                    report,
+                    "nudges sent while the heartbeat was late: {} (each of {}, in turn; none brought it back)",
+                    s.nudges,
+                    NUDGES.map(|n| n.0).join(", ")
+                );
+            }
             // tests/host/run kills its QEMU when terminated.
             let _ = Command::new("kill").arg(child.id().to_string()).status();
             let _ = child.wait();
@@ -373,43 +500,52 @@ fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Sends `commands` (lines) to the test host's QEMU monitor and returns its
+/// replies, read until it has been quiet for 3 s.
+fn monitor_command(dir: &Path, commands: &str) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut mon = std::os::unix::net::UnixStream::connect(dir.join("monitor.sock"))
+        .map_err(|e| e.to_string())?;
+    let _ = mon.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+    mon.write_all(commands.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while let Ok(n) = mon.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    // The monitor echoes each command line, with terminal escapes, after a
+    // "(qemu)" prompt: keep only the replies.
+    let mut replies = String::new();
+    for line in String::from_utf8_lossy(&buf).lines() {
+        if !line.starts_with("(qemu)") && !line.starts_with("QEMU ") {
+            replies.push_str(line.trim_end());
+            replies.push('\n');
+        }
+    }
+    Ok(replies)
+}
+
 /// What a hung test host's emulated CPU is doing: its registers, next
 /// instructions and local APIC, sampled twice a few seconds apart through
 /// the QEMU monitor (an unchanged RIP is a spin, a halted CPU a lost
 /// wakeup, a vector left in IRR an interrupt never taken), and the end of
 /// its kernel console (soft lockup and RCU stall reports).
 fn hung_host_report(dir: &Path) -> String {
-    use std::io::{Read as _, Write as _};
     let mut report = String::from("--- the hung test host, seen through the QEMU monitor ---\n");
     for sample in 1..=2 {
         if sample > 1 {
             std::thread::sleep(std::time::Duration::from_secs(3));
         }
         let _ = writeln!(report, "sample {sample}:");
-        match std::os::unix::net::UnixStream::connect(dir.join("monitor.sock")) {
+        match monitor_command(dir, "info cpus\ninfo registers -a\nx/8i $pc\ninfo lapic\n") {
             Err(e) => {
                 let _ = writeln!(report, "(no monitor: {e})");
             }
-            Ok(mut mon) => {
-                let _ = mon.set_read_timeout(Some(std::time::Duration::from_secs(3)));
-                let _ = mon.write_all(b"info cpus\ninfo registers -a\nx/8i $pc\ninfo lapic\n");
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 65536];
-                while let Ok(n) = mon.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                // The monitor echoes each command line, with terminal
-                // escapes, after a "(qemu)" prompt: keep only the replies.
-                for line in String::from_utf8_lossy(&buf).lines() {
-                    if !line.starts_with("(qemu)") && !line.starts_with("QEMU ") {
-                        report.push_str(line.trim_end());
-                        report.push('\n');
-                    }
-                }
-            }
+            Ok(replies) => report.push_str(&replies),
         }
     }
     let console = std::fs::read_to_string(dir.join("host-console.log")).unwrap_or_default();
@@ -425,6 +561,24 @@ fn hung_host_report(dir: &Path) -> String {
 /// [`mode`]), and returns their outcomes in order. `host_memory_mib` sizes
 /// the test host: give it room for the largest guest.
 pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmOutcome> {
+    let opts = BatchOptions::default();
+    match run_batch_with(label, host_memory_mib, specs, &opts).outcomes {
+        Some(outcomes) => outcomes,
+        None => panic!(
+            "[{label}] the test host stopped responding {} times",
+            opts.host_attempts
+        ),
+    }
+}
+
+/// [`run_batch`] with its test host handling spelt out; reports hung and
+/// stalled test hosts instead of failing on them.
+pub fn run_batch_with(
+    label: &str,
+    host_memory_mib: u64,
+    specs: &[VmSpec],
+    opts: &BatchOptions,
+) -> Batch {
     let dir = scratch_dir(label);
     let vmm = skiff_vmm();
     let mut script = String::from("#!/bin/sh\n# generated by the skiff test harness\n");
@@ -480,6 +634,7 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
     );
     let total_timeout: u64 = specs.iter().map(|s| s.timeout_s + 15).sum::<u64>() + 120;
     let mut attempt = 1;
+    let mut stalls = Vec::new();
     let (status, host_output) = loop {
         for i in 0..specs.len() {
             for ext in ["status", "serial", "log"] {
@@ -487,12 +642,21 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
             }
         }
         let _ = std::fs::remove_file(dir.join("heartbeat"));
-        match run_script(mode, &dir, &script_path, host_memory_mib, total_timeout) {
+        match run_script(
+            mode,
+            &dir,
+            &script_path,
+            host_memory_mib,
+            total_timeout,
+            opts,
+            &mut stalls,
+        ) {
             BatchEnd::Finished(status, output) => break (status, output),
             BatchEnd::HostHung(output) => {
                 let mut text = format!(
                     "[{label}] the test host stopped responding (no heartbeat for {HEARTBEAT_LIMIT_S} s), \
-                     test host {attempt} of {HOST_ATTEMPTS} at most; its output:\n{output}"
+                     test host {attempt} of {} at most; its output:\n{output}",
+                    opts.host_attempts
                 );
                 // Where each VM of the batch was when the test host stopped.
                 for (i, spec) in specs.iter().enumerate() {
@@ -510,10 +674,16 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
                 }
                 let saved = dir.join(format!("host-hang-{attempt}.txt"));
                 let _ = std::fs::write(&saved, &text);
-                if attempt == HOST_ATTEMPTS {
-                    panic!(
-                        "{text}\n[{label}] the test host stopped responding {HOST_ATTEMPTS} times"
+                if attempt >= opts.host_attempts {
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr(),
+                        format!("{text}\n[{label}] (saved in {})\n", saved.display()).as_bytes(),
                     );
+                    return Batch {
+                        outcomes: None,
+                        hung_hosts: attempt,
+                        stalls,
+                    };
                 }
                 // Straight to stderr, past the test harness's output capture:
                 // a hung test host is news even when the next one passes.
@@ -521,9 +691,10 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
                     &mut std::io::stderr(),
                     format!(
                         "{text}\n[{label}] (saved in {}) starting the batch again in a fresh test host \
-                         ({} of {HOST_ATTEMPTS}).\n",
+                         ({} of {}).\n",
                         saved.display(),
-                        attempt + 1
+                        attempt + 1,
+                        opts.host_attempts
                     )
                     .as_bytes(),
                 );
@@ -555,7 +726,11 @@ pub fn run_batch(label: &str, host_memory_mib: u64, specs: &[VmSpec]) -> Vec<VmO
     if outcomes.iter().any(|o| o.status.is_none()) {
         panic!("[{label}] the batch did not complete ({status}); its output:\n{host_output}");
     }
-    outcomes
+    Batch {
+        outcomes: Some(outcomes),
+        hung_hosts: attempt - 1,
+        stalls,
+    }
 }
 
 /// A `skiff test ARGS` run through `sh`, with its output (stdout and

@@ -1025,6 +1025,18 @@ mod tests {
             self.add_chain(TRANSMITQ, &descs);
         }
 
+        /// Sends `chains` transmit chains of 8 KiB each, more than a unix
+        /// socket holds; returns the bytes in order.
+        fn send_many(&mut self, chains: u32) -> Vec<u8> {
+            let mut sent = Vec::new();
+            for c in 0..chains {
+                let chunk: Vec<u8> = (0..8192u32).map(|i| ((i * 3 + c) % 251) as u8).collect();
+                self.send(&[&chunk]);
+                sent.extend_from_slice(&chunk);
+            }
+            sent
+        }
+
         /// Posts a receive buffer; returns its address.
         fn post_rx(&mut self, len: u32) -> u64 {
             let addr = self.alloc(len as usize);
@@ -1379,12 +1391,7 @@ mod tests {
         let mut dev = Dev::on_stream(a);
         dev.activate(&guest, true);
         dev.settle();
-        let mut expected = Vec::new();
-        for c in 0..100u32 {
-            let chunk: Vec<u8> = (0..8192u32).map(|i| ((i * 3 + c) % 251) as u8).collect();
-            guest.send(&[&chunk]);
-            expected.extend_from_slice(&chunk);
-        }
+        let expected = guest.send_many(100);
         dev.lock().queue_notify(TRANSMITQ);
         // The socket filled up: output is held and the event loop was
         // woken to watch EPOLLOUT.
@@ -1406,12 +1413,7 @@ mod tests {
         dev.lock().vcpu_wait = Duration::from_secs(30);
         dev.activate(&guest, true);
         dev.settle();
-        let mut expected = Vec::new();
-        for c in 0..100u32 {
-            let chunk: Vec<u8> = (0..8192u32).map(|i| ((i * 5 + c) % 253) as u8).collect();
-            guest.send(&[&chunk]);
-            expected.extend_from_slice(&chunk);
-        }
+        let expected = guest.send_many(100);
         let want = expected.len();
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
@@ -1443,9 +1445,7 @@ mod tests {
         let mut dev = Dev::on_stream(a);
         dev.activate(&guest, true);
         dev.settle();
-        for c in 0..100u32 {
-            guest.send(&[&vec![c as u8; 8192]]);
-        }
+        guest.send_many(100);
         let started = Instant::now();
         dev.lock().queue_notify(TRANSMITQ);
         // Bounded: the vCPU thread returns after VCPU_WAIT, output held.

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use skiff_devices::BusDevice;
 
+use crate::sync::lock;
+
 /// Errors building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
@@ -91,12 +93,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device, going on with its state if another thread panicked
-/// while holding it (a device must stay usable for the rest of the VM).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

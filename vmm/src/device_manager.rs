@@ -1,24 +1,34 @@
-//! Puts virtio devices on the MMIO bus: a 4 KiB window and an IRQ each,
-//! QueueNotify wired to ioeventfds, the interrupt to an irqfd, and the
-//! device described to the guest in the DSDT (or, as a fallback, with
-//! `virtio_mmio.device=` on the command line).
+//! Wires devices into a VM at the places `layout.rs` gives them.
+//!
+//! - The legacy platform devices ([`attach_legacy`]) go on the port bus:
+//!   the 8250 serial port (IRQ through an irqfd), the i8042 (reset only),
+//!   the ACPI PM port, pvpanic and the GED (the power button's interrupt).
+//! - Each virtio device ([`DeviceManager::add_virtio`]) gets a 4 KiB
+//!   window on the MMIO bus and an IRQ, QueueNotify wired to ioeventfds,
+//!   the interrupt to an irqfd, and is described to the guest in the DSDT
+//!   (or, as a fallback, with `virtio_mmio.device=` on the command line).
 
 use std::sync::{Arc, Mutex};
 
 use acpi_tables::{aml, Aml};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
+use skiff_devices::legacy::{
+    AcpiPmPort, Ged, PvPanic, Serial, SerialOutput, ACPI_PM_PORT_LEN, GED_PORT_LEN, I8042,
+    PVPANIC_PORT_LEN, SERIAL_PORT_LEN,
+};
 use skiff_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use skiff_devices::virtio::VirtioDevice;
+use skiff_devices::{BusDevice, EventFdTrigger, PowerEventSink};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::Bus;
-use crate::memory::VIRTIO_MMIO_START;
-
-/// First GSI for virtio devices (4 is COM1).
-pub const FIRST_VIRTIO_IRQ: u32 = 5;
-/// Last GSI the IOAPIC has.
-pub const LAST_IRQ: u32 = 23;
+use crate::layout::{
+    ACPI_PM_PORT, GED_IRQ, GED_PORT, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, SERIAL_IRQ,
+    SERIAL_PORT,
+};
+use crate::layout::{FIRST_VIRTIO_IRQ, LAST_IRQ, VIRTIO_MMIO_START};
 
 /// Errors wiring a device.
 #[derive(Debug, thiserror::Error)]
@@ -29,27 +39,23 @@ pub enum DeviceError {
     /// A KVM registration failed.
     #[error("cannot register {what} for {device}: {source}")]
     Kvm {
-        /// What was registered.
         what: &'static str,
-        /// The device.
         device: String,
-        /// errno.
         source: kvm_ioctls::Error,
+    },
+    /// An interrupt's eventfd could not be made.
+    #[error("cannot create the interrupt eventfd for {device}: {source}")]
+    EventFd {
+        device: String,
+        source: std::io::Error,
     },
     /// The transport could not be built.
     #[error("cannot create the virtio-mmio transport for {device}: {detail}")]
-    Transport {
-        /// The device.
-        device: String,
-        /// Why.
-        detail: String,
-    },
+    Transport { device: String, detail: String },
     /// Bus conflict.
-    #[error("cannot place {device} on the MMIO bus: {source}")]
+    #[error("cannot place {device} on its bus: {source}")]
     Bus {
-        /// The device.
         device: String,
-        /// Why.
         source: crate::bus::BusError,
     },
 }
@@ -103,6 +109,113 @@ pub fn virtio_cmdline(slot: MmioSlot) -> String {
     )
 }
 
+/// A virtio device ready to be wired: the transport's view of it and the
+/// event loop's, made from one concrete device so that both see the same
+/// object.
+pub struct VirtioHandle {
+    name: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+}
+
+impl VirtioHandle {
+    /// `device`, named `name` in logs and monitor queries (`vda`, `hvc0`).
+    pub fn new<D>(name: impl Into<String>, device: D) -> Self
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let device = Arc::new(Mutex::new(device));
+        VirtioHandle {
+            name: name.into(),
+            device: device.clone(),
+            subscriber: device,
+        }
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The legacy platform devices, on the port bus at the ports of
+/// `layout.rs`.
+pub struct LegacyDevices {
+    /// The port bus with every legacy device on it.
+    pub pio: Bus,
+    /// COM1 (the event loop feeds it input; the main thread flushes it).
+    pub serial: Arc<Mutex<Serial>>,
+    /// The GED (the monitors press the power button through it).
+    pub ged: Arc<Mutex<Ged<EventFdTrigger>>>,
+}
+
+/// A device on the port bus: its name in errors, first port, span.
+type PortDevice = (&'static str, u16, u64, Arc<Mutex<dyn BusDevice>>);
+
+/// Builds the legacy devices: the serial port writing to `serial_output`,
+/// and the i8042, ACPI PM port and pvpanic reporting the guest's power
+/// requests to `power`; their interrupts are irqfds of `vm`.
+pub fn attach_legacy(
+    vm: &VmFd,
+    serial_output: SerialOutput,
+    power: PowerEventSink,
+) -> Result<LegacyDevices, DeviceError> {
+    let irq = |device: &str, gsi: u32| -> Result<EventFdTrigger, DeviceError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+            device: device.to_owned(),
+            source,
+        })?;
+        vm.register_irqfd(&evt, gsi)
+            .map_err(|source| DeviceError::Kvm {
+                what: "the interrupt (irqfd)",
+                device: device.to_owned(),
+                source,
+            })?;
+        Ok(EventFdTrigger::new(evt))
+    };
+    let serial = Arc::new(Mutex::new(Serial::new(
+        irq("the serial port", SERIAL_IRQ)?,
+        serial_output,
+    )));
+    let ged = Arc::new(Mutex::new(Ged::new(irq("the GED", GED_IRQ)?)));
+    let devices: [PortDevice; 5] = [
+        (
+            "the serial port",
+            SERIAL_PORT,
+            SERIAL_PORT_LEN,
+            serial.clone(),
+        ),
+        (
+            "the i8042",
+            I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(power.clone()))),
+        ),
+        (
+            "the ACPI PM port",
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+            Arc::new(Mutex::new(AcpiPmPort::new(power.clone()))),
+        ),
+        (
+            "pvpanic",
+            PVPANIC_PORT,
+            PVPANIC_PORT_LEN,
+            Arc::new(Mutex::new(PvPanic::new(power))),
+        ),
+        ("the GED", GED_PORT, GED_PORT_LEN, ged.clone()),
+    ];
+    let mut pio = Bus::new();
+    for (device, port, len, dev) in devices {
+        pio.insert(u64::from(port), len, dev)
+            .map_err(|source| DeviceError::Bus {
+                device: device.to_owned(),
+                source,
+            })?;
+    }
+    Ok(LegacyDevices { pio, serial, ged })
+}
+
 /// Collects the virtio devices of a VM.
 #[derive(Default)]
 pub struct DeviceManager {
@@ -118,18 +231,21 @@ impl DeviceManager {
         Self::default()
     }
 
-    /// Wires `device` (named `name` in logs) into the VM and the MMIO bus.
-    pub fn add_virtio<D>(
+    /// Wires `handle`'s device into the VM and the MMIO bus, in the next
+    /// window and IRQ.
+    pub fn add_virtio(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         bus: &mut Bus,
-        device: Arc<Mutex<D>>,
-        name: &str,
-    ) -> Result<MmioSlot, DeviceError>
-    where
-        D: VirtioDevice + MutEventSubscriber + Send + 'static,
-    {
+        handle: VirtioHandle,
+    ) -> Result<MmioSlot, DeviceError> {
+        let VirtioHandle {
+            name,
+            device,
+            subscriber,
+        } = handle;
+        let name = name.as_str();
         let index = self.slots.len();
         let slot = slot(index).ok_or(DeviceError::TooMany)?;
         let kvm_err = |what| {
@@ -141,7 +257,7 @@ impl DeviceManager {
             }
         };
         {
-            let d = crate::bus::lock(&device);
+            let d = crate::sync::lock(&device);
             vm.register_irqfd(d.interrupt().eventfd(), slot.irq)
                 .map_err(kvm_err("the interrupt (irqfd)"))?;
             for (i, evt) in d.queue_events().iter().enumerate() {
@@ -169,7 +285,7 @@ impl DeviceManager {
             })?;
         self.dsdt.extend(virtio_aml(index, slot));
         self.cmdline.push(virtio_cmdline(slot));
-        self.subscribers.push(device);
+        self.subscribers.push(subscriber);
         self.slots.push(slot);
         log::debug!("{name}: virtio-mmio at {:#x}, IRQ {}", slot.base, slot.irq);
         Ok(slot)

@@ -13,7 +13,7 @@ use skiff_devices::legacy::Serial;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::bus::lock;
+use crate::sync::lock;
 
 const INPUT: u32 = 0;
 const RETRY: u32 = 1;

@@ -9,29 +9,19 @@ use anyhow::Context;
 use clap::Parser;
 use skiff_vmm::config::DEFAULT_CMDLINE;
 use skiff_vmm::config::{ConsoleConfig, DiskConfig, MonitorConfig};
+use skiff_vmm::error::MAX_CPUS;
+use skiff_vmm::exit::log_exit;
 use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
-use skiff_vmm::vm::{log_exit, MAX_CPUS};
-use skiff_vmm::{SerialConfig, Vm, VmConfig};
+use skiff_vmm::{ExitStatus, SerialConfig, Vm, VmConfig};
 
-const AFTER_HELP: &str = "\
-EXIT STATUS:
-  0  the guest powered off, a monitor client sent quit, or skiff-vmm was
-     stopped by SIGTERM/SIGINT
-  1  the VM could not be started (bad input, /dev/kvm missing or unusable)
-  2  invalid command-line arguments
-  3  the guest rebooted (a reset request: ACPI reset register or i8042),
-     or a monitor client sent system_reset
-  4  the guest kernel panicked (reported through the pvpanic device)
-  5  the guest crashed: triple fault, KVM internal error or an exit
-     skiff-vmm cannot handle; the log names the reason and the registers
-
+const ENVIRONMENT: &str = "\
 ENVIRONMENT:
   RUST_LOG  log filter (default: info), e.g. RUST_LOG=debug";
 
 /// Boot a Linux kernel straight into KVM: no firmware, an 8250 console on
 /// ttyS0, ACPI power management.
 #[derive(Parser, Debug)]
-#[command(name = "skiff-vmm", version, about, after_help = AFTER_HELP)]
+#[command(name = "skiff-vmm", version, about, after_help = format!("{}\n{ENVIRONMENT}", ExitStatus::help_table()))]
 struct Cli {
     /// Kernel to boot: an x86_64 bzImage or ELF vmlinux.
     #[arg(long, value_name = "PATH")]
@@ -153,7 +143,7 @@ fn main() -> ExitCode {
             // print the context and the error, not the whole source chain.
             let msg: Vec<String> = e.chain().take(2).map(|c| c.to_string()).collect();
             log::error!("{}", msg.join(": "));
-            ExitCode::from(1)
+            ExitCode::from(ExitStatus::StartFailed.code() as u8)
         }
     }
 }

@@ -2,6 +2,9 @@
 //! a DSDT that describes the legacy devices, the S5 sleep state and any
 //! device the device manager adds (the virtio-mmio windows).
 //!
+//! The tables describe the platform of `layout.rs`; they define no
+//! address of their own.
+//!
 //! Power off and reset go through one I/O port ([`ACPI_PM_PORT`]): the FADT
 //! points its sleep-control, sleep-status and reset registers at it, so a
 //! stock kernel powers off and reboots without command-line tricks.
@@ -18,20 +21,11 @@ use skiff_devices::legacy::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::memory::{ACPI_END, IOAPIC_START, LAPIC_START, RSDP_START};
-
-/// The ACPI power-management port (sleep control/status and reset).
-pub const ACPI_PM_PORT: u16 = 0x600;
-/// QEMU's pvpanic port.
-pub const PVPANIC_PORT: u16 = 0x505;
-/// COM1.
-pub const SERIAL_PORT: u16 = 0x3f8;
-/// COM1's IRQ.
-pub const SERIAL_IRQ: u32 = 4;
-/// The ACPI Generic Event Device's event register (port I/O).
-pub const GED_PORT: u16 = 0x610;
-/// The GED's interrupt: ISA IRQ 3 (COM2's, unused here), edge-triggered.
-pub const GED_IRQ: u32 = 3;
+use crate::layout::{
+    ACPI_PM_PORT, GED_IRQ, GED_PORT, IOAPIC_START, LAPIC_START, PVPANIC_PORT, SERIAL_IRQ,
+    SERIAL_PORT,
+};
+use crate::memory::{ACPI_END, RSDP_START};
 
 const OEM_ID: [u8; 6] = *b"SKIFF ";
 const OEM_TABLE_ID: [u8; 8] = *b"SKIFFVM ";

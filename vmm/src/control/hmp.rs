@@ -5,7 +5,7 @@
 //! a keyboard and NICs. Output lines end in CRLF, as QEMU's do; the
 //! monitor socket adds the `(qemu) ` prompt.
 
-use super::qmp::{package, QEMU_VERSION};
+use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
 use super::{Machine, RunState};
 
 /// The banner a monitor client gets before the first prompt.
@@ -16,9 +16,6 @@ pub fn banner() -> String {
 
 /// The prompt after each command's output.
 pub const PROMPT: &str = "(qemu) ";
-
-/// QEMU's error when no display device exists.
-pub const NO_CONSOLE: &str = "There is no console to take a screendump from";
 
 const HELP: &[(&str, &str, &str)] = &[
     ("cont|c", "", "resume emulation"),
@@ -193,7 +190,7 @@ pub fn execute(line: &str, machine: &dyn Machine) -> String {
 mod tests {
     use super::super::testing::{fake, names};
     use super::*;
-    use crate::vm::ExitReason;
+    use crate::exit::ExitReason;
 
     #[test]
     fn banner_and_prompt_as_qemu() {

@@ -10,6 +10,7 @@
 
 pub mod hmp;
 pub mod json;
+pub mod qemu;
 pub mod qmp;
 pub mod server;
 pub mod stream;
@@ -21,7 +22,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::vm::ExitReason;
+use crate::cpu::pause::VcpuPause;
+use crate::exit::ExitReason;
 
 /// QMP `RunState` values Skiff can be in (`qapi/run-state.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,16 +274,6 @@ pub trait Machine: Send + Sync {
     fn vcpu_thread_ids(&self) -> Vec<i64>;
 }
 
-/// Parks and resumes the vCPU threads.
-pub trait VcpuPause: Send + Sync {
-    /// Kicks every vCPU out of the guest and returns once all are parked.
-    fn pause(&self);
-    /// Lets the parked vCPUs run again.
-    fn resume(&self);
-    /// Host thread id of each vCPU.
-    fn thread_ids(&self) -> Vec<i64>;
-}
-
 /// The run state machine behind the monitors.
 pub struct RunControl {
     state: Mutex<RunState>,
@@ -313,7 +305,7 @@ impl RunControl {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
-        crate::bus::lock(&self.state)
+        crate::sync::lock(&self.state)
     }
 
     /// Records that the VM is ending for `reason` and emits the events

@@ -7,17 +7,9 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::json::to_line;
+use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
 use super::stream::Input;
 use super::{hmp, Machine};
-
-/// The QEMU release whose QMP behaviour Skiff follows (reported in the
-/// greeting and by query-version).
-pub const QEMU_VERSION: (u32, u32, u32) = (7, 2, 0);
-
-/// `package` in the greeting and query-version.
-pub fn package() -> String {
-    format!("skiff-vmm {}", env!("CARGO_PKG_VERSION"))
-}
 
 /// QMP error classes (`qapi/error.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,7 +533,7 @@ fn run_command(
             }
             to_line(&hmp::execute(arg_str("command-line"), machine))
         }
-        "screendump" => return Err(QmpError::generic(hmp::NO_CONSOLE)),
+        "screendump" => return Err(QmpError::generic(NO_CONSOLE)),
         "set_link" => {
             return Err(QmpError {
                 class: ErrorClass::DeviceNotFound,
@@ -561,7 +553,7 @@ mod tests {
     use super::super::testing::{fake, names};
     use super::super::RunState;
     use super::*;
-    use crate::vm::ExitReason;
+    use crate::exit::ExitReason;
 
     fn input(text: &str) -> Input {
         Input::Value(serde_json::from_str(text).unwrap())

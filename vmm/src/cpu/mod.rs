@@ -4,6 +4,7 @@
 pub mod coalesced;
 pub mod cpuid;
 pub mod pause;
+pub mod vcpu;
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;

@@ -22,8 +22,17 @@ use kvm_bindings::{kvm_clock_data, kvm_run};
 use kvm_ioctls::{VcpuFd, VmFd};
 use log::debug;
 
-use crate::bus::lock;
-use crate::control::VcpuPause;
+use crate::sync::lock;
+
+/// Parks and resumes the vCPU threads.
+pub trait VcpuPause: Send + Sync {
+    /// Kicks every vCPU out of the guest and returns once all are parked.
+    fn pause(&self);
+    /// Lets the parked vCPUs run again.
+    fn resume(&self);
+    /// Host thread id of each vCPU.
+    fn thread_ids(&self) -> Vec<i64>;
+}
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {

@@ -28,7 +28,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use log::debug;
 use skiff_devices::legacy::SerialOutput;
-use skiff_devices::virtio::block::{Block, BlockConfig};
+use skiff_devices::virtio::block::Block;
 use skiff_devices::virtio::console::{Console, ConsoleBackend};
 use skiff_devices::virtio::rng::Rng;
 use skiff_devices::{GuestPowerEvent, PowerEventSink};
@@ -37,12 +37,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, acpi, BootError, LoadedInitrd, LoadedKernel};
 use crate::bus::Bus;
-use crate::config::{ConsoleConfig, MonitorConfig, SerialConfig, VmConfig};
+use crate::config::MAX_CPUS;
+use crate::config::{MonitorConfig, SerialConfig, VmConfig};
 use crate::control::server::{self, Protocol, Socket};
 use crate::control::{ChardevInfo, DiskInfo, MachineInfo};
 use crate::cpu;
 use crate::device_manager::{self, DeviceManager, LegacyDevices, VirtioHandle};
-use crate::error::{setup_err, VmError, MAX_CPUS};
+use crate::error::{setup_err, VmError};
 use crate::event_loop::SerialInput;
 use crate::exit::{ExitReason, MainEvent};
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
@@ -177,16 +178,8 @@ fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<Di
     let mut disks = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = disk_name(i);
-        let block = Block::new(
-            &BlockConfig {
-                path: disk.path.clone(),
-                readonly: disk.readonly,
-                overlay: disk.overlay,
-                id: disk.id.clone(),
-            },
-            irq()?,
-        )
-        .map_err(|e| device_err(format!("disk {name}"))(e.into()))?;
+        let block =
+            Block::new(disk, irq()?).map_err(|e| device_err(format!("disk {name}"))(e.into()))?;
         disks.push(DiskInfo {
             device: name.clone(),
             path: disk.path.display().to_string(),
@@ -197,18 +190,13 @@ fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<Di
         out.push(VirtioHandle::new(name, block));
     }
     if let Some(console) = &config.console {
-        if *console == ConsoleConfig::Stdio && config.serial == SerialConfig::Stdio {
+        if *console == ConsoleBackend::Stdio && config.serial == SerialConfig::Stdio {
             return Err(VmError::Conflict(
                 "--console stdio and --serial stdio would both read stdin: give one of them file=PATH or none",
             ));
         }
-        let backend = match console {
-            ConsoleConfig::Stdio => ConsoleBackend::Stdio,
-            ConsoleConfig::File(p) => ConsoleBackend::File(p.clone()),
-            ConsoleConfig::Socket(p) => ConsoleBackend::Socket(p.clone()),
-        };
         let dev =
-            Console::new(&backend, irq()?).map_err(|e| device_err("console".into())(e.into()))?;
+            Console::new(console, irq()?).map_err(|e| device_err("console".into())(e.into()))?;
         out.push(VirtioHandle::new("hvc0", dev));
     }
     if config.rng {
@@ -254,9 +242,9 @@ fn machine_info(config: &VmConfig, disks: Vec<DiskInfo>) -> MachineInfo {
         chardevs.push(ChardevInfo {
             label: "console0".into(),
             filename: match c {
-                ConsoleConfig::Stdio => "stdio".into(),
-                ConsoleConfig::File(p) => file(p),
-                ConsoleConfig::Socket(p) => format!("unix:{}", p.display()),
+                ConsoleBackend::Stdio => "stdio".into(),
+                ConsoleBackend::File(p) => file(p),
+                ConsoleBackend::Socket(p) => format!("unix:{}", p.display()),
             },
         });
     }

@@ -1,17 +1,163 @@
-//! VM configuration, shared by the command line and other front ends.
+//! VM configuration: one type per thing, from the command line to the
+//! device.
+//!
+//! - The command line parses straight into [`VmConfig`] (it is clap's
+//!   `Args`; `main.rs` only flattens it). Devices own their config types
+//!   ([`BlockConfig`], [`ConsoleBackend`]); `VmConfig` holds them as they
+//!   are and the builder hands them over unchanged.
+//! - Every `key=value,...` option (`--disk`, `--serial`, `--console`,
+//!   `--monitor`) goes through one parser, [`Options`]: keys known, none
+//!   given twice, no empty value, commas in values written `,,` as QEMU
+//!   writes them. Each rule about a device's options is checked once,
+//!   here.
+//! - [`VmConfig::to_args`] writes a config back as the `skiff-vmm`
+//!   arguments that parse to it (a round trip the tests check on random
+//!   configs). The test driver and the integration tests start skiff-vmm
+//!   with it rather than with hand-written flags.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+pub use skiff_devices::virtio::block::BlockConfig;
+pub use skiff_devices::virtio::console::ConsoleBackend;
+
+use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
 /// The command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
+/// Most vCPUs a VM may have (APIC ids fit in the MADT's byte fields).
+pub const MAX_CPUS: u8 = 254;
+
+/// Longest serial number (virtio-blk GET_ID) a disk may have.
+pub const MAX_DISK_ID: usize = 20;
+
+/// One `key=value,...` option string, split and checked: every key is one
+/// the option knows, none is given twice, none has an empty value, and a
+/// bare word (no `=`) is one the option allows. A comma inside a value is
+/// written `,,` (QEMU's escape).
+#[derive(Debug)]
+pub struct Options {
+    flag: &'static str,
+    usage: &'static str,
+    word: Option<String>,
+    pairs: Vec<(String, String)>,
+}
+
+impl Options {
+    /// Parses `s`, given to `--{flag}` whose accepted form is `usage`;
+    /// `keys` are the keys it may have and `words` the bare words.
+    pub fn parse(
+        flag: &'static str,
+        usage: &'static str,
+        s: &str,
+        keys: &[&str],
+        words: &[&str],
+    ) -> Result<Options, String> {
+        let mut opts = Options {
+            flag,
+            usage,
+            word: None,
+            pairs: Vec::new(),
+        };
+        for item in split_escaped(s) {
+            match item.split_once('=') {
+                Some((key, value)) => {
+                    if !keys.contains(&key) {
+                        return Err(format!(
+                            "unknown --{flag} option '{key}' in '{s}' (expected {usage})"
+                        ));
+                    }
+                    if value.is_empty() {
+                        return Err(format!("--{flag}: {key}= needs a value (expected {usage})"));
+                    }
+                    if opts.value(key).is_some() {
+                        return Err(format!("--{flag}: {key}= is given twice in '{s}'"));
+                    }
+                    opts.pairs.push((key.to_owned(), value.to_owned()));
+                }
+                None if words.contains(&item.as_str()) && opts.word.is_none() => {
+                    opts.word = Some(item)
+                }
+                None => return Err(format!("'{s}' is not a valid --{flag} (expected {usage})")),
+            }
+        }
+        if opts.word.is_some() && !opts.pairs.is_empty() {
+            return Err(format!("'{s}' is not a valid --{flag} (expected {usage})"));
+        }
+        Ok(opts)
+    }
+
+    /// The bare word given, if any.
+    pub fn word(&self) -> Option<&str> {
+        self.word.as_deref()
+    }
+
+    /// The value of `key`, if given.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The only key given, with its value, when the option is one of
+    /// several `kind=PATH` forms.
+    pub fn single(&self) -> Result<(&str, &str), String> {
+        match self.pairs.as_slice() {
+            [(k, v)] => Ok((k, v)),
+            _ => Err(format!(
+                "'{}' is not a valid --{} (expected {})",
+                self.source(),
+                self.flag,
+                self.usage
+            )),
+        }
+    }
+
+    /// `key` as an on/off switch; off when not given.
+    pub fn switch(&self, key: &str) -> Result<bool, String> {
+        match self.value(key) {
+            None => Ok(false),
+            Some("on" | "true" | "yes") => Ok(true),
+            Some("off" | "false" | "no") => Ok(false),
+            Some(v) => Err(format!("--{}: {key}={v}: expected on or off", self.flag)),
+        }
+    }
+
+    fn source(&self) -> String {
+        let mut parts: Vec<String> = self.word.iter().cloned().collect();
+        parts.extend(self.pairs.iter().map(|(k, v)| format!("{k}={}", escape(v))));
+        parts.join(",")
+    }
+}
+
+/// Splits at single commas; `,,` stands for a comma inside an item.
+fn split_escaped(s: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                items.last_mut().expect("never empty").push(',');
+            } else {
+                items.push(String::new());
+            }
+        } else {
+            items.last_mut().expect("never empty").push(c);
+        }
+    }
+    items
+}
+
+/// `value` with its commas doubled, for an option string.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
 /// Where the 8250 serial port's output goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SerialConfig {
     /// The VMM's stdout (and stdin as input).
     #[default]
@@ -22,72 +168,116 @@ pub enum SerialConfig {
     None,
 }
 
-impl FromStr for SerialConfig {
-    type Err = String;
+const SERIAL_USAGE: &str = "stdio, file=PATH or none";
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "stdio" => Ok(SerialConfig::Stdio),
-            "none" | "off" => Ok(SerialConfig::None),
-            _ => match s.strip_prefix("file=") {
-                Some("") => Err("file= needs a path, as in file=/tmp/serial.log".into()),
-                Some(path) => Ok(SerialConfig::File(PathBuf::from(path))),
-                None => Err(format!(
-                    "'{s}' is not a serial backend: use stdio, file=PATH or none"
-                )),
-            },
-        }
-    }
+/// Parses `--serial`.
+pub fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    let o = Options::parse(
+        "serial",
+        SERIAL_USAGE,
+        s,
+        &["file"],
+        &["stdio", "none", "off"],
+    )?;
+    Ok(match o.word() {
+        Some("stdio") => SerialConfig::Stdio,
+        Some(_) => SerialConfig::None,
+        None => SerialConfig::File(o.single()?.1.into()),
+    })
 }
 
 impl fmt::Display for SerialConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SerialConfig::Stdio => write!(f, "stdio"),
-            SerialConfig::File(p) => write!(f, "file={}", p.display()),
+            SerialConfig::File(p) => write!(f, "file={}", escape(&p.to_string_lossy())),
             SerialConfig::None => write!(f, "none"),
         }
     }
 }
 
-/// Where the virtio console (the guest's hvc0) is connected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsoleConfig {
-    /// The VMM's stdin/stdout.
-    Stdio,
-    /// Output appended to a file; no input.
-    File(PathBuf),
-    /// A unix stream socket the VMM connects to (the test driver listens).
-    Socket(PathBuf),
+const CONSOLE_USAGE: &str = "socket=PATH, stdio or file=PATH";
+
+/// Parses `--console`.
+pub fn parse_console(s: &str) -> Result<ConsoleBackend, String> {
+    let o = Options::parse("console", CONSOLE_USAGE, s, &["socket", "file"], &["stdio"])?;
+    if o.word().is_some() {
+        return Ok(ConsoleBackend::Stdio);
+    }
+    Ok(match o.single()? {
+        ("socket", path) => ConsoleBackend::Socket(path.into()),
+        (_, path) => ConsoleBackend::File(path.into()),
+    })
 }
 
-impl FromStr for ConsoleConfig {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s == "stdio" {
-            return Ok(ConsoleConfig::Stdio);
-        }
-        let (kind, path) = s.split_once('=').ok_or_else(|| {
-            format!("'{s}' is not a console backend: use socket=PATH, stdio or file=PATH")
-        })?;
-        if path.is_empty() {
-            return Err(format!("{kind}= needs a path"));
-        }
-        match kind {
-            "socket" => Ok(ConsoleConfig::Socket(PathBuf::from(path))),
-            "file" => Ok(ConsoleConfig::File(PathBuf::from(path))),
-            _ => Err(format!(
-                "'{s}' is not a console backend: use socket=PATH, stdio or file=PATH"
-            )),
-        }
+/// `--console`'s value for `backend`.
+pub fn console_arg(backend: &ConsoleBackend) -> String {
+    match backend {
+        ConsoleBackend::Stdio => "stdio".into(),
+        ConsoleBackend::File(p) => format!("file={}", escape(&p.to_string_lossy())),
+        ConsoleBackend::Socket(p) => format!("socket={}", escape(&p.to_string_lossy())),
     }
 }
 
+const DISK_USAGE: &str = "path=PATH[,readonly=on][,overlay=on][,id=NAME]";
+
+/// Parses `--disk`. `readonly` and `overlay` exclude each other (an
+/// overlay is writable); the id is at most [`MAX_DISK_ID`] bytes.
+pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+    let o = Options::parse(
+        "disk",
+        DISK_USAGE,
+        s,
+        &["path", "readonly", "overlay", "id"],
+        &[],
+    )?;
+    let path = o
+        .value("path")
+        .ok_or_else(|| format!("--disk needs path=PATH (expected {DISK_USAGE})"))?;
+    let config = BlockConfig {
+        path: path.into(),
+        readonly: o.switch("readonly")?,
+        overlay: o.switch("overlay")?,
+        id: o.value("id").map(str::to_owned),
+    };
+    check_disk(&config)?;
+    Ok(config)
+}
+
+/// The rules of a disk's options, for configs that do not come from
+/// [`parse_disk`] (test descriptions).
+pub fn check_disk(disk: &BlockConfig) -> Result<(), String> {
+    if disk.readonly && disk.overlay {
+        return Err(
+            "readonly=on and overlay=on exclude each other (an overlay is writable)".into(),
+        );
+    }
+    if let Some(id) = &disk.id {
+        if id.len() > MAX_DISK_ID {
+            return Err(format!("id={id}: at most {MAX_DISK_ID} bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// `--disk`'s value for `disk`.
+pub fn disk_arg(disk: &BlockConfig) -> String {
+    let mut s = format!("path={}", escape(&disk.path.to_string_lossy()));
+    if disk.readonly {
+        s.push_str(",readonly=on");
+    }
+    if disk.overlay {
+        s.push_str(",overlay=on");
+    }
+    if let Some(id) = &disk.id {
+        s.push_str(",id=");
+        s.push_str(&escape(id));
+    }
+    s
+}
+
 /// Where an HMP (human monitor) socket is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorConfig {
     /// skiff-vmm listens at the path (any number of clients).
     Listen(PathBuf),
@@ -96,177 +286,360 @@ pub enum MonitorConfig {
     Connect(PathBuf),
 }
 
-impl FromStr for MonitorConfig {
-    type Err = String;
+const MONITOR_USAGE: &str = "PATH, path=PATH or socket=PATH";
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.strip_prefix("socket=") {
-            Some("") => Err("socket= needs a path".into()),
-            Some(path) => Ok(MonitorConfig::Connect(PathBuf::from(path))),
-            None if s.is_empty() => Err("--monitor needs a path".into()),
-            None => Ok(MonitorConfig::Listen(PathBuf::from(s))),
+/// Parses `--monitor`: a bare path (or `path=PATH`) to listen on, or
+/// `socket=PATH` to connect to.
+pub fn parse_monitor(s: &str) -> Result<MonitorConfig, String> {
+    if s.is_empty() {
+        return Err(format!("--monitor needs a path (expected {MONITOR_USAGE})"));
+    }
+    if !s.starts_with("socket=") && !s.starts_with("path=") {
+        return Ok(MonitorConfig::Listen(s.into()));
+    }
+    let o = Options::parse("monitor", MONITOR_USAGE, s, &["socket", "path"], &[])?;
+    Ok(match o.single()? {
+        ("socket", path) => MonitorConfig::Connect(path.into()),
+        (_, path) => MonitorConfig::Listen(path.into()),
+    })
+}
+
+impl fmt::Display for MonitorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MonitorConfig::Listen(p) => write!(f, "path={}", escape(&p.to_string_lossy())),
+            MonitorConfig::Connect(p) => write!(f, "socket={}", escape(&p.to_string_lossy())),
         }
     }
 }
 
-/// One virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskConfig {
-    /// Raw image file.
-    pub path: PathBuf,
-    /// Open read-only; guest writes fail.
-    pub readonly: bool,
-    /// Writes go to a temporary copy-on-write layer; the image is unchanged.
-    pub overlay: bool,
-    /// Serial number the guest reads (GET_ID).
-    pub id: Option<String>,
-}
-
-fn parse_switch(key: &str, value: &str) -> Result<bool, String> {
-    match value {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("{key}={value}: expected on or off")),
-    }
-}
-
-impl FromStr for DiskConfig {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut path = None;
-        let mut readonly = false;
-        let mut overlay = false;
-        let mut id = None;
-        for item in s.split(',') {
-            let (key, value) = item.split_once('=').ok_or_else(|| {
-                format!("'{item}' in --disk is not key=value (expected path=PATH[,readonly=on][,overlay=on][,id=NAME])")
-            })?;
-            match key {
-                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
-                "path" => return Err("path= needs a file".into()),
-                "readonly" => readonly = parse_switch(key, value)?,
-                "overlay" => overlay = parse_switch(key, value)?,
-                "id" if value.len() <= 20 => id = Some(value.to_owned()),
-                "id" => return Err(format!("id={value}: at most 20 bytes")),
-                _ => {
-                    return Err(format!(
-                        "unknown --disk option '{key}' (expected path, readonly, overlay, id)"
-                    ))
-                }
-            }
-        }
-        let path = path.ok_or("--disk needs path=PATH")?;
-        if readonly && overlay {
-            return Err(
-                "readonly=on and overlay=on exclude each other (an overlay is writable)".into(),
-            );
-        }
-        Ok(DiskConfig {
-            path,
-            readonly,
-            overlay,
-            id,
-        })
-    }
-}
-
-/// Everything needed to build and boot one VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Everything needed to build and boot one VM: the `skiff-vmm` command
+/// line, field for flag.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct VmConfig {
-    /// Name used in logs.
-    pub name: String,
-    /// bzImage or ELF vmlinux.
+    /// Kernel to boot: an x86_64 bzImage or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
-    /// Optional initrd/initramfs.
+
+    /// Initial ramdisk (initrd/initramfs) to load.
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+
     /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
+
     /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
     pub cpus: u8,
+
     /// Guest memory in MiB.
+    #[arg(long = "memory", value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(MIN_MEMORY_MIB..=MAX_MEMORY_MIB))]
     pub memory_mib: u64,
-    /// Serial port backend.
+
+    /// Where the serial console (ttyS0) goes: stdio, file=PATH or none.
+    #[arg(long, value_name = "BACKEND", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialConfig,
-    /// The KVM device node.
-    pub kvm_device: PathBuf,
-    /// virtio-blk disks, in order (vda, vdb, ...).
-    pub disks: Vec<DiskConfig>,
-    /// The virtio console (hvc0), if any.
-    pub console: Option<ConsoleConfig>,
-    /// Whether to add a virtio-rng device.
+
+    /// A virtio-blk disk: path=PATH[,readonly=on][,overlay=on][,id=NAME].
+    /// Repeat for more disks; they appear as vda, vdb, ... in order.
+    /// overlay=on keeps the guest's writes in a temporary copy-on-write
+    /// layer (gone when the VM exits), so many VMs can share one image.
+    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    pub disks: Vec<BlockConfig>,
+
+    /// The virtio console (guest /dev/hvc0): socket=PATH (connect to a unix
+    /// socket someone listens on), stdio or file=PATH.
+    #[arg(long, value_name = "BACKEND", value_parser = parse_console)]
+    pub console: Option<ConsoleBackend>,
+
+    /// Add a virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
     pub rng: bool,
-    /// Describe virtio devices with `virtio_mmio.device=` on the kernel
-    /// command line instead of in the ACPI DSDT.
+
+    /// Describe virtio devices on the kernel command line
+    /// (virtio_mmio.device=) instead of in the ACPI DSDT.
+    #[arg(long = "virtio-mmio-cmdline")]
     pub virtio_cmdline: bool,
-    /// QMP sockets to listen on.
-    #[serde(default)]
+
+    /// KVM device node to use.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+
+    /// Listen for QMP clients on a unix socket at PATH (QEMU 7.2's
+    /// protocol; any number of clients at once). Repeatable.
+    #[arg(long, value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
-    /// HMP monitor sockets.
-    #[serde(default)]
+
+    /// A human monitor (HMP subset): PATH to listen on, or socket=PATH to
+    /// connect to a unix socket someone listens on (as QEMU's
+    /// `-monitor unix:PATH`). Repeatable.
+    #[arg(long, value_name = "SPEC", value_parser = parse_monitor)]
     pub monitor: Vec<MonitorConfig>,
+
+    /// Name of this VM in log lines.
+    #[arg(long, value_name = "NAME", default_value = "vm")]
+    pub name: String,
+}
+
+impl VmConfig {
+    /// A config with the command line's defaults and `kernel`.
+    pub fn new(kernel: impl Into<PathBuf>) -> VmConfig {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            memory_mib: 256,
+            serial: SerialConfig::Stdio,
+            disks: Vec::new(),
+            console: None,
+            rng: false,
+            virtio_cmdline: false,
+            kvm_device: "/dev/kvm".into(),
+            qmp: Vec::new(),
+            monitor: Vec::new(),
+            name: "vm".into(),
+        }
+    }
+
+    /// The `skiff-vmm` arguments that parse back to this config.
+    pub fn to_args(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        // `--flag=VALUE` throughout: a value may start with a dash.
+        let mut a = vec![format!("--kernel={}", path(&self.kernel))];
+        if let Some(initrd) = &self.initrd {
+            a.push(format!("--initrd={}", path(initrd)));
+        }
+        a.extend([
+            format!("--cmdline={}", self.cmdline),
+            format!("--cpus={}", self.cpus),
+            format!("--memory={}", self.memory_mib),
+            format!("--serial={}", self.serial),
+        ]);
+        for disk in &self.disks {
+            a.push(format!("--disk={}", disk_arg(disk)));
+        }
+        if let Some(console) = &self.console {
+            a.push(format!("--console={}", console_arg(console)));
+        }
+        if self.rng {
+            a.push("--rng".into());
+        }
+        if self.virtio_cmdline {
+            a.push("--virtio-mmio-cmdline".into());
+        }
+        a.push(format!("--kvm-device={}", path(&self.kvm_device)));
+        for qmp in &self.qmp {
+            a.push(format!("--qmp={}", path(qmp)));
+        }
+        for monitor in &self.monitor {
+            a.push(format!("--monitor={monitor}"));
+        }
+        a.push(format!("--name={}", self.name));
+        a
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        vm: VmConfig,
+    }
+
+    fn parse_args(args: &[String]) -> Result<VmConfig, clap::Error> {
+        Cli::try_parse_from(std::iter::once("skiff-vmm".to_owned()).chain(args.iter().cloned()))
+            .map(|c| c.vm)
+    }
 
     #[test]
     fn serial_backends_parse() {
-        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
-        assert_eq!("none".parse(), Ok(SerialConfig::None));
+        assert_eq!(parse_serial("stdio"), Ok(SerialConfig::Stdio));
+        assert_eq!(parse_serial("none"), Ok(SerialConfig::None));
+        assert_eq!(parse_serial("off"), Ok(SerialConfig::None));
         assert_eq!(
-            "file=/tmp/x".parse(),
+            parse_serial("file=/tmp/x"),
             Ok(SerialConfig::File(PathBuf::from("/tmp/x")))
         );
-        assert!("file=".parse::<SerialConfig>().is_err());
-        let err = "tcp:1234".parse::<SerialConfig>().unwrap_err();
-        assert!(err.contains("tcp:1234"), "{err}");
+        assert!(parse_serial("file=").is_err());
+        let err = parse_serial("tcp:1234").unwrap_err();
+        assert!(
+            err.contains("tcp:1234") && err.contains(SERIAL_USAGE),
+            "{err}"
+        );
+        assert!(parse_serial("stdio,file=/a").is_err());
         assert_eq!(SerialConfig::File("/a".into()).to_string(), "file=/a");
     }
 
     #[test]
     fn disks_parse() {
-        let d: DiskConfig = "path=/img,readonly=on,id=root".parse().unwrap();
+        let d = parse_disk("path=/img,readonly=on,id=root").unwrap();
         assert_eq!(d.path, PathBuf::from("/img"));
         assert!(d.readonly && !d.overlay);
         assert_eq!(d.id.as_deref(), Some("root"));
-        let d: DiskConfig = "path=/img,overlay=on".parse().unwrap();
+        let d = parse_disk("path=/img,overlay=on").unwrap();
         assert!(d.overlay);
-        for bad in [
-            "/img",
-            "readonly=on",
-            "path=/a,size=3",
-            "path=/a,readonly=maybe",
-            "path=/a,readonly=on,overlay=on",
-            "path=",
+        let d = parse_disk("path=/a,,b.img").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a,b.img"));
+        for (bad, says) in [
+            ("/img", "not a valid --disk"),
+            ("readonly=on", "needs path=PATH"),
+            ("path=/a,size=3", "unknown --disk option 'size'"),
+            (
+                "path=/a,readonly=maybe",
+                "readonly=maybe: expected on or off",
+            ),
+            (
+                "path=/a,readonly=on,overlay=on",
+                "readonly=on and overlay=on",
+            ),
+            ("path=", "path= needs a value"),
+            ("path=/a,path=/b", "path= is given twice"),
+            ("path=/a,id=abcdefghijklmnopqrstu", "at most 20 bytes"),
         ] {
-            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+            let err = parse_disk(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
         }
     }
 
     #[test]
     fn monitors_parse() {
         assert_eq!(
-            "/run/mon".parse(),
+            parse_monitor("/run/mon"),
             Ok(MonitorConfig::Listen(PathBuf::from("/run/mon")))
         );
         assert_eq!(
-            "socket=/run/mon".parse(),
+            parse_monitor("path=/run/mon"),
+            Ok(MonitorConfig::Listen(PathBuf::from("/run/mon")))
+        );
+        assert_eq!(
+            parse_monitor("socket=/run/mon"),
             Ok(MonitorConfig::Connect(PathBuf::from("/run/mon")))
         );
-        assert!("socket=".parse::<MonitorConfig>().is_err());
-        assert!("".parse::<MonitorConfig>().is_err());
+        assert!(parse_monitor("socket=").is_err());
+        assert!(parse_monitor("").is_err());
     }
 
     #[test]
     fn consoles_parse() {
-        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+        assert_eq!(parse_console("stdio"), Ok(ConsoleBackend::Stdio));
         assert_eq!(
-            "socket=/run/s".parse(),
-            Ok(ConsoleConfig::Socket(PathBuf::from("/run/s")))
+            parse_console("socket=/run/s"),
+            Ok(ConsoleBackend::Socket(PathBuf::from("/run/s")))
         );
-        assert!("tcp=1".parse::<ConsoleConfig>().is_err());
-        assert!("socket=".parse::<ConsoleConfig>().is_err());
+        assert_eq!(
+            parse_console("file=/run/f"),
+            Ok(ConsoleBackend::File(PathBuf::from("/run/f")))
+        );
+        let err = parse_console("tcp=1").unwrap_err();
+        assert!(err.contains("tcp") && err.contains("socket=PATH"), "{err}");
+        assert!(parse_console("socket=").is_err());
+        assert!(parse_console("socket=/a,file=/b").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_command_line() {
+        let parsed = parse_args(&["--kernel".into(), "/k".into()]).unwrap();
+        assert_eq!(parsed, VmConfig::new("/k"));
+    }
+
+    /// xorshift64*: random configs without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn flip(&mut self) -> bool {
+            self.below(2) == 1
+        }
+        /// A string of the characters that options and shells make
+        /// hard: commas, equals signs, spaces, dashes, quotes.
+        fn text(&mut self, min: usize) -> String {
+            const CHARS: &[char] = &['a', 'Z', '0', ',', '=', ' ', '-', '/', '.', '\'', 'é'];
+            let len = min + self.below(12) as usize;
+            (0..len)
+                .map(|_| CHARS[self.below(CHARS.len() as u64) as usize])
+                .collect()
+        }
+        fn path(&mut self) -> PathBuf {
+            format!("/{}", self.text(1)).into()
+        }
+    }
+
+    fn random_config(r: &mut Rng) -> VmConfig {
+        let mut c = VmConfig::new(r.path());
+        c.initrd = r.flip().then(|| r.path());
+        c.cmdline = if r.flip() {
+            r.text(0)
+        } else {
+            format!("-{}", r.text(0))
+        };
+        c.cpus = 1 + r.below(u64::from(MAX_CPUS)) as u8;
+        c.memory_mib = MIN_MEMORY_MIB + r.below(MAX_MEMORY_MIB - MIN_MEMORY_MIB + 1);
+        c.serial = match r.below(3) {
+            0 => SerialConfig::Stdio,
+            1 => SerialConfig::None,
+            _ => SerialConfig::File(r.path()),
+        };
+        for _ in 0..r.below(4) {
+            let readonly = r.flip();
+            c.disks.push(BlockConfig {
+                path: r.path(),
+                readonly,
+                overlay: !readonly && r.flip(),
+                id: r.flip().then(|| {
+                    let mut id = r.text(1);
+                    id.truncate(MAX_DISK_ID);
+                    id
+                }),
+            });
+        }
+        c.console = match r.below(4) {
+            0 => None,
+            1 => Some(ConsoleBackend::Stdio),
+            2 => Some(ConsoleBackend::File(r.path())),
+            _ => Some(ConsoleBackend::Socket(r.path())),
+        };
+        c.rng = r.flip();
+        c.virtio_cmdline = r.flip();
+        c.kvm_device = r.path();
+        c.qmp = (0..r.below(3)).map(|_| r.path()).collect();
+        c.monitor = (0..r.below(3))
+            .map(|_| {
+                if r.flip() {
+                    MonitorConfig::Listen(r.path())
+                } else {
+                    MonitorConfig::Connect(r.path())
+                }
+            })
+            .collect();
+        c.name = r.text(1);
+        c
+    }
+
+    #[test]
+    fn to_args_round_trips_through_the_command_line() {
+        let mut r = Rng(0x5eed_cafe_f00d_d00d);
+        for _ in 0..2000 {
+            let config = random_config(&mut r);
+            let args = config.to_args();
+            let parsed = parse_args(&args)
+                .unwrap_or_else(|e| panic!("{config:?}\n{args:?}\ndoes not parse: {e}"));
+            assert_eq!(parsed, config, "{args:?}");
+        }
     }
 }

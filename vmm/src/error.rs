@@ -3,12 +3,10 @@
 //! name it without importing each other.
 
 use crate::boot::{acpi, BootError};
+use crate::config::MAX_CPUS;
 use crate::cpu::CpuError;
 use crate::device_manager::DeviceError;
 use crate::memory::MemoryError;
-
-/// Most vCPUs a VM may have (APIC ids fit in the MADT's byte fields).
-pub const MAX_CPUS: u8 = 254;
 
 /// Errors that stop a VM from starting.
 #[derive(Debug, thiserror::Error)]

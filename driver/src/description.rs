@@ -17,6 +17,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use skiff_vmm::config::{check_disk, BlockConfig, MAX_CPUS};
+use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use skiff_vmm::VmConfig;
 use thiserror::Error;
 
 /// What is wrong with a description.
@@ -48,8 +51,10 @@ pub struct Node {
     /// MiB.
     #[serde(default = "default_memory")]
     pub memory: u32,
+    /// Disks, as `skiff-vmm --disk` takes them (`path`, `readonly`,
+    /// `overlay`, `id`).
     #[serde(default)]
-    pub disks: Vec<Disk>,
+    pub disks: Vec<BlockConfig>,
     /// VLAN numbers the node is on.
     #[serde(default)]
     pub vlans: Vec<u32>,
@@ -69,19 +74,6 @@ fn default_memory() -> u32 {
 }
 fn default_connect_timeout() -> u64 {
     600
-}
-
-/// A virtio-blk disk of a node.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Disk {
-    pub path: String,
-    #[serde(default)]
-    pub readonly: bool,
-    /// Copy-on-write layer over a shared image, gone when the VM exits.
-    #[serde(default)]
-    pub overlay: bool,
-    pub id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,60 +105,12 @@ pub struct ResolvedNode {
     pub name: String,
     /// The name the script sees (`-` and `.` become `_`).
     pub python_name: String,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub cpus: u32,
-    pub memory: u32,
-    pub disks: Vec<ResolvedDisk>,
+    /// How skiff-vmm boots it; the driver adds the serial port, console,
+    /// QMP socket and name of each run.
+    pub vm: VmConfig,
+    /// More `skiff-vmm` flags, passed after the config's.
     pub extra_args: Vec<String>,
     pub connect_timeout: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct ResolvedDisk {
-    pub path: PathBuf,
-    pub readonly: bool,
-    pub overlay: bool,
-    pub id: Option<String>,
-}
-
-impl ResolvedNode {
-    /// The `skiff-vmm` arguments for this node, except the console, serial
-    /// and name, which the driver adds.
-    pub fn vmm_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "--kernel".to_owned(),
-            self.kernel.display().to_string(),
-            "--cmdline".to_owned(),
-            self.cmdline.clone(),
-            "--cpus".to_owned(),
-            self.cpus.to_string(),
-            "--memory".to_owned(),
-            self.memory.to_string(),
-            "--rng".to_owned(),
-        ];
-        if let Some(i) = &self.initrd {
-            a.push("--initrd".into());
-            a.push(i.display().to_string());
-        }
-        for d in &self.disks {
-            let mut spec = format!("path={}", d.path.display());
-            if d.readonly {
-                spec.push_str(",readonly=on");
-            }
-            if d.overlay {
-                spec.push_str(",overlay=on");
-            }
-            if let Some(id) = &d.id {
-                spec.push_str(&format!(",id={id}"));
-            }
-            a.push("--disk".into());
-            a.push(spec);
-        }
-        a.extend(self.extra_args.iter().cloned());
-        a
-    }
 }
 
 const PYTHON_KEYWORDS: &[&str] = &[
@@ -307,27 +251,22 @@ impl Description {
             };
             let mut disks = Vec::new();
             for d in &n.disks {
-                let p = resolve_path(&d.path).map_err(ctx)?;
-                if !p.is_file() {
-                    return Err(ctx(format!("disk {} does not exist", p.display())));
+                let path = resolve_path(&d.path.to_string_lossy()).map_err(ctx)?;
+                if !path.is_file() {
+                    return Err(ctx(format!("disk {} does not exist", path.display())));
                 }
-                if d.readonly && d.overlay {
-                    return Err(ctx(format!(
-                        "disk {}: readonly and overlay exclude each other",
-                        p.display()
-                    )));
-                }
-                disks.push(ResolvedDisk {
-                    path: p,
-                    readonly: d.readonly,
-                    overlay: d.overlay,
-                    id: d.id.clone(),
-                });
+                check_disk(d).map_err(|m| ctx(format!("disk {}: {m}", path.display())))?;
+                disks.push(BlockConfig { path, ..d.clone() });
             }
-            if n.cpus == 0 || n.memory < 64 {
-                return Err(ctx(
-                    "cpus must be at least 1 and memory at least 64 (MiB)".into()
-                ));
+            let cpus = u8::try_from(n.cpus)
+                .ok()
+                .filter(|c| (1..=MAX_CPUS).contains(c))
+                .ok_or_else(|| ctx(format!("cpus {}: must be 1 to {MAX_CPUS}", n.cpus)))?;
+            let memory = u64::from(n.memory);
+            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory) {
+                return Err(ctx(format!(
+                    "memory {memory}: must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (MiB)"
+                )));
             }
             if !n.vlans.is_empty() {
                 return Err(ctx(format!(
@@ -349,12 +288,15 @@ impl Description {
                 ResolvedNode {
                     name: name.clone(),
                     python_name,
-                    kernel,
-                    initrd,
-                    cmdline,
-                    cpus: n.cpus,
-                    memory: n.memory,
-                    disks,
+                    vm: VmConfig {
+                        initrd,
+                        cmdline,
+                        cpus,
+                        memory_mib: memory,
+                        disks,
+                        rng: true,
+                        ..VmConfig::new(kernel)
+                    },
                     extra_args: n.extra_args,
                     connect_timeout: n.connect_timeout,
                 },
@@ -388,7 +330,7 @@ impl Description {
 
     /// Guest memory of all nodes, MiB.
     pub fn memory_mib(&self) -> u64 {
-        self.nodes.values().map(|n| u64::from(n.memory)).sum()
+        self.nodes.values().map(|n| n.vm.memory_mib).sum()
     }
 }
 
@@ -432,16 +374,17 @@ mod tests {
         let desc = Description::load(&p, None).unwrap();
         let n = &desc.nodes["web-1"];
         assert_eq!(n.python_name, "web_1");
-        assert_eq!(n.memory, 1024);
-        assert_eq!(n.cmdline, "console=ttyS0 quiet");
-        assert_eq!(n.kernel, d.join("kernel"));
+        assert_eq!(n.vm.memory_mib, 1024);
+        assert_eq!(n.vm.cmdline, "console=ttyS0 quiet");
+        assert_eq!(n.vm.kernel, d.join("kernel"));
+        assert!(n.vm.rng);
         let p = write(
             &d,
             "t.toml",
             "name = \"b\"\nscript = \"pass\"\n[nodes.m]\nkernel = \"kernel\"\ncmdline = \"console=hvc0\"\n",
         );
         let desc = Description::load(&p, None).unwrap();
-        assert_eq!(desc.nodes["m"].cmdline, "console=hvc0");
+        assert_eq!(desc.nodes["m"].vm.cmdline, "console=hvc0");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -484,6 +427,27 @@ mod tests {
             r#"{"name":"a","nodes":{"m":{"kernel":"${SKIFF_SURELY_UNSET_VAR}/k"}},"script":""}"#
         )
         .contains("SKIFF_SURELY_UNSET_VAR is not set"));
+        std::fs::write(d.join("disk.img"), b"").unwrap();
+        let e = err(
+            &d,
+            r#"{"name":"a","nodes":{"m":{"kernel":"kernel","disks":[{"path":"disk.img","readonly":true,"overlay":true}]}},"script":""}"#,
+        );
+        assert!(e.contains("readonly=on and overlay=on"), "{e}");
+        let e = err(
+            &d,
+            r#"{"name":"a","nodes":{"m":{"kernel":"kernel","disks":[{"path":"disk.img","size":3}]}},"script":""}"#,
+        );
+        assert!(e.contains("unknown field `size`"), "{e}");
+        let e = err(
+            &d,
+            r#"{"name":"a","nodes":{"m":{"kernel":"kernel","cpus":300}},"script":""}"#,
+        );
+        assert!(e.contains("cpus 300"), "{e}");
+        let e = err(
+            &d,
+            r#"{"name":"a","nodes":{"m":{"kernel":"kernel","memory":16}},"script":""}"#,
+        );
+        assert!(e.contains("memory 16"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -14,6 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use skiff_vmm::config::{ConsoleBackend, SerialConfig};
+use skiff_vmm::{ExitStatus, VmConfig};
 use thiserror::Error;
 
 use crate::description::ResolvedNode;
@@ -61,15 +63,10 @@ pub enum MachineError {
 
 /// What `skiff-vmm`'s exit status means (its documented codes).
 pub fn exit_meaning(code: i32) -> &'static str {
-    match code {
-        0 => "the guest powered off, or QMP quit",
-        1 => "the VM could not start",
-        2 => "invalid skiff-vmm arguments",
-        3 => "the guest rebooted",
-        4 => "the guest kernel panicked",
-        5 => "the guest crashed",
-        137 => "killed",
-        _ => "unexpected exit",
+    match ExitStatus::from_code(code) {
+        Some(status) => status.meaning(),
+        None if code == 128 + libc::SIGKILL => "killed",
+        None => "unexpected exit",
     }
 }
 
@@ -255,13 +252,15 @@ impl Vm {
     fn spawn_vmm(&self) -> Result<i32, MachineError> {
         let i = &self.0;
         let mut cmd = Command::new(&i.vmm);
-        cmd.args(i.node.vmm_args())
-            .arg("--name")
-            .arg(&i.name)
-            .args(["--serial", "stdio", "--console"])
-            .arg(format!("socket={}", i.state_dir.join("shell").display()))
-            .arg("--qmp")
-            .arg(i.state_dir.join("qmp"))
+        let config = VmConfig {
+            name: i.name.clone(),
+            serial: SerialConfig::Stdio,
+            console: Some(ConsoleBackend::Socket(i.state_dir.join("shell"))),
+            qmp: vec![i.state_dir.join("qmp")],
+            ..i.node.vm.clone()
+        };
+        cmd.args(config.to_args())
+            .args(&i.node.extra_args)
             .current_dir(&i.state_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -331,7 +330,7 @@ impl Vm {
             p.pid = None;
             p.stdin = None;
             p.exit = Some(code);
-            p.restarting = code == 3 && p.allow_reboot && !p.released;
+            p.restarting = code == ExitStatus::Reset.code() && p.allow_reboot && !p.released;
             p.restarting
         };
         let name = &self.0.name;

@@ -170,7 +170,7 @@ fn a_vm_that_cannot_start_names_the_machine_and_its_status() {
     assert_eq!(r.status, Some(1), "{}", r.output);
     assert!(
         r.output
-            .contains("box: skiff-vmm exited with status 1 (the VM could not start)"),
+            .contains("box: skiff-vmm exited with status 1 (the VM could not be started"),
         "{}",
         r.output
     );

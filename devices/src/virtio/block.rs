@@ -54,20 +54,25 @@ pub const GUEST_WARNINGS: u32 = 32;
 /// capacity (8) + size_max (4) + seg_max (4) + geometry (4) + blk_size (4).
 const CONFIG_SPACE_LEN: usize = 24;
 
-/// How to back a virtio-blk device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to back a virtio-blk device. The same type is a disk of a test
+/// description (JSON/TOML, hence `Deserialize`) and of `skiff-vmm --disk`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     /// The raw disk image (a file or a block device).
     pub path: PathBuf,
     /// The guest may not write (VIRTIO_BLK_F_RO); the image is opened
     /// read-only, so any number of VMs may share it.
+    #[serde(default)]
     pub readonly: bool,
     /// The image is opened read-only and guest writes go to a private
     /// copy-on-write layer that disappears with the VM. Ignored when
     /// `readonly` is set.
+    #[serde(default)]
     pub overlay: bool,
     /// The serial the guest reads with GET_ID (at most 20 bytes are used);
     /// by default the image's file name.
+    #[serde(default)]
     pub id: Option<String>,
 }
 

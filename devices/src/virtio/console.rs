@@ -931,34 +931,25 @@ impl MutEventSubscriber for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::{Deref, DerefMut};
     use std::os::unix::net::UnixListener;
-    use std::sync::Mutex;
     use std::time::Instant;
 
-    use event_manager::{EventManager, SubscriberOps};
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempdir::TempDir;
 
-    const MEM_SIZE: usize = 0x100_0000;
+    use crate::virtio::test_utils::{mem, read_guest, Looped, TestQueue, MEM_SIZE, R, W};
+
     const QUEUE_SIZE: u16 = 256;
     const RXQ_ADDR: u64 = 0;
     const TXQ_ADDR: u64 = 0x4000;
     const BUF_BASE: u64 = 0x1_0000;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-    }
-
-    /// The driver side: two mock queues and a bump allocator for buffers.
+    /// The driver side: two test queues and a bump allocator for buffers.
     struct Guest<'a> {
         mem: &'a GuestMemoryMmap,
-        rx: MockSplitQueue<'a, GuestMemoryMmap>,
-        tx: MockSplitQueue<'a, GuestMemoryMmap>,
-        next_desc: [u16; 2],
+        rx: TestQueue<'a>,
+        tx: TestQueue<'a>,
         next_buf: u64,
     }
 
@@ -966,14 +957,13 @@ mod tests {
         fn new(mem: &'a GuestMemoryMmap) -> Self {
             Guest {
                 mem,
-                rx: MockSplitQueue::create(mem, GuestAddress(RXQ_ADDR), QUEUE_SIZE),
-                tx: MockSplitQueue::create(mem, GuestAddress(TXQ_ADDR), QUEUE_SIZE),
-                next_desc: [0, 0],
+                rx: TestQueue::new(mem, RXQ_ADDR, QUEUE_SIZE),
+                tx: TestQueue::new(mem, TXQ_ADDR, QUEUE_SIZE),
                 next_buf: BUF_BASE,
             }
         }
 
-        fn queue(&self, q: usize) -> &MockSplitQueue<'a, GuestMemoryMmap> {
+        fn queue(&self, q: usize) -> &TestQueue<'a> {
             if q == RECEIVEQ {
                 &self.rx
             } else {
@@ -988,38 +978,23 @@ mod tests {
             addr
         }
 
-        /// Adds a chain of `(addr, len, device-writable)` descriptors.
-        fn add_chain(&mut self, q: usize, descs: &[(u64, u32, bool)]) {
-            let first = self.next_desc[q];
-            let raw: Vec<RawDescriptor> = descs
-                .iter()
-                .enumerate()
-                .map(|(i, &(addr, len, writable))| {
-                    let last = i + 1 == descs.len();
-                    let mut flags = if writable {
-                        VRING_DESC_F_WRITE as u16
-                    } else {
-                        0
-                    };
-                    if !last {
-                        flags |= VRING_DESC_F_NEXT as u16;
-                    }
-                    let next = if last { 0 } else { first + i as u16 + 1 };
-                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-                })
-                .collect();
-            self.queue(q).add_desc_chains(&raw, first).unwrap();
-            self.next_desc[q] += descs.len() as u16;
+        /// Adds a chain of `(addr, len, flags)` descriptors to queue `q`.
+        fn add_chain(&mut self, q: usize, descs: &[(u64, u32, u16)]) {
+            if q == RECEIVEQ {
+                self.rx.add_chain(descs);
+            } else {
+                self.tx.add_chain(descs);
+            }
         }
 
         /// Queues `parts` for transmission as one chain, one descriptor each.
         fn send(&mut self, parts: &[&[u8]]) {
-            let descs: Vec<(u64, u32, bool)> = parts
+            let descs: Vec<(u64, u32, u16)> = parts
                 .iter()
                 .map(|p| {
                     let addr = self.alloc(p.len());
                     self.mem.write_slice(p, GuestAddress(addr)).unwrap();
-                    (addr, p.len() as u32, false)
+                    (addr, p.len() as u32, R)
                 })
                 .collect();
             self.add_chain(TRANSMITQ, &descs);
@@ -1040,90 +1015,55 @@ mod tests {
         /// Posts a receive buffer; returns its address.
         fn post_rx(&mut self, len: u32) -> u64 {
             let addr = self.alloc(len as usize);
-            self.add_chain(RECEIVEQ, &[(addr, len, true)]);
+            self.add_chain(RECEIVEQ, &[(addr, len, W)]);
             addr
         }
 
         fn used_idx(&self, q: usize) -> u16 {
-            self.queue(q).used().idx().load()
+            self.queue(q).used_idx()
         }
 
         /// All used entries so far, as (head, len).
         fn used(&self, q: usize) -> Vec<(u32, u32)> {
-            let ring = self.queue(q).used().ring();
-            (0..self.used_idx(q))
-                .map(|i| {
-                    let e = ring.ref_at(usize::from(i % QUEUE_SIZE)).unwrap().load();
-                    (e.id(), e.len())
-                })
-                .collect()
+            self.queue(q).used()
         }
 
         fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-            let mut v = vec![0u8; len];
-            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-            v
+            read_guest(self.mem, addr, len)
         }
     }
 
     /// The device on its own event loop.
-    struct Dev {
-        console: Arc<Mutex<Console>>,
-        em: EventManager<Arc<Mutex<Console>>>,
-        irq: EventFd,
+    struct Dev(Looped<Console>);
+
+    impl Deref for Dev {
+        type Target = Looped<Console>;
+
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+
+    impl DerefMut for Dev {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.0
+        }
     }
 
     impl Dev {
         fn new(make: impl FnOnce(EventFd) -> Console) -> Self {
-            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-            let console = Arc::new(Mutex::new(make(irq.try_clone().unwrap())));
-            let mut em = EventManager::new().unwrap();
-            em.add_subscriber(console.clone());
-            Dev { console, em, irq }
+            Dev(Looped::new(make))
         }
 
         fn on_stream(stream: UnixStream) -> Self {
             Dev::new(|irq| Console::from_stream(stream, irq).unwrap())
         }
 
-        fn lock(&self) -> std::sync::MutexGuard<'_, Console> {
-            self.console.lock().unwrap()
-        }
-
         /// Activates as the transport does: hands over the queues, then
         /// kicks both queue eventfds.
         fn activate(&mut self, guest: &Guest, event_idx: bool) {
-            let queues = [&guest.rx, &guest.tx]
-                .iter()
-                .map(|m| {
-                    let mut q: Queue = m.create_queue().unwrap();
-                    q.set_event_idx(event_idx);
-                    q
-                })
-                .collect();
-            let ctx = ActivateContext {
-                mem: guest.mem.clone(),
-                queues,
-                acked_features: VIRTIO_F_VERSION_1,
-            };
-            self.lock().activate(ctx).unwrap();
-            self.kick(RECEIVEQ);
-            self.kick(TRANSMITQ);
-        }
-
-        fn kick(&self, q: usize) {
-            self.lock().queue_events()[q].write(1).unwrap();
-        }
-
-        /// Runs the loop until nothing is ready; fails if that never
-        /// happens (the device would be spinning).
-        fn settle(&mut self) {
-            for _ in 0..10_000 {
-                if self.em.run_with_timeout(0).unwrap() == 0 {
-                    return;
-                }
-            }
-            panic!("the event loop never went idle");
+            self.0
+                .activate(guest.mem, &[&guest.rx, &guest.tx], event_idx);
         }
 
         /// Runs the loop until `done`, for at most 5 s.
@@ -1271,7 +1211,7 @@ mod tests {
         let w = guest.alloc(16);
         let r = guest.alloc(3);
         mem.write_slice(b"!\n", GuestAddress(r)).unwrap();
-        guest.add_chain(TRANSMITQ, &[(r, 2, false), (w, 16, true)]);
+        guest.add_chain(TRANSMITQ, &[(r, 2, R), (w, 16, W)]);
         dev.kick(TRANSMITQ);
         dev.settle();
         assert_eq!(drain(&mut peer), b"hello world!\n");
@@ -1564,10 +1504,10 @@ mod tests {
         dev.activate(&guest, false);
 
         // Transmit: outside memory, straddling its end, only writable.
-        guest.add_chain(TRANSMITQ, &[(0xffff_0000, 16, false)]);
-        guest.add_chain(TRANSMITQ, &[(MEM_SIZE as u64 - 4, 16, false)]);
+        guest.add_chain(TRANSMITQ, &[(0xffff_0000, 16, R)]);
+        guest.add_chain(TRANSMITQ, &[(MEM_SIZE as u64 - 4, 16, R)]);
         let w = guest.alloc(16);
-        guest.add_chain(TRANSMITQ, &[(w, 16, true)]);
+        guest.add_chain(TRANSMITQ, &[(w, 16, W)]);
         guest.send(&[b"still ", b"alive"]);
         dev.kick(TRANSMITQ);
         dev.settle();
@@ -1575,10 +1515,10 @@ mod tests {
         assert_eq!(guest.used(TRANSMITQ), vec![(0, 0), (1, 0), (2, 0), (3, 0)]);
 
         // Receive: outside memory, only readable, zero length.
-        guest.add_chain(RECEIVEQ, &[(0xffff_0000, 16, true)]);
+        guest.add_chain(RECEIVEQ, &[(0xffff_0000, 16, W)]);
         let r = guest.alloc(16);
-        guest.add_chain(RECEIVEQ, &[(r, 16, false)]);
-        guest.add_chain(RECEIVEQ, &[(r, 0, true)]);
+        guest.add_chain(RECEIVEQ, &[(r, 16, R)]);
+        guest.add_chain(RECEIVEQ, &[(r, 0, W)]);
         let good = guest.post_rx(16);
         peer.write_all(b"ok").unwrap();
         dev.kick(RECEIVEQ);
@@ -1590,12 +1530,12 @@ mod tests {
     #[test]
     fn bogus_avail_index_needs_reset_without_spinning() {
         let mem = mem();
-        let guest = Guest::new(&mem);
+        let mut guest = Guest::new(&mem);
         let (a, _peer) = UnixStream::pair().unwrap();
         let mut dev = Dev::on_stream(a);
         dev.activate(&guest, true);
         // More entries than the queue holds.
-        guest.tx.avail().idx().store(QUEUE_SIZE + 5);
+        guest.tx.set_avail_idx(QUEUE_SIZE + 5);
         dev.kick(TRANSMITQ);
         dev.settle();
         assert!(dev.lock().interrupt().needs_reset());

@@ -379,8 +379,10 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::test_utils::{
+        mem, mmio_configure, mmio_read as read, mmio_write as write, TestQueue,
+    };
     use crate::virtio::{ActivateError, INT_VRING};
-    use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     struct Dummy {
@@ -448,20 +450,6 @@ mod tests {
         }
     }
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn read(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        t.read(off, &mut d);
-        u32::from_le_bytes(d)
-    }
-
-    fn write(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
     fn transport(dev: Dummy) -> (MmioTransport, Arc<Mutex<Dummy>>) {
         let dev = Arc::new(Mutex::new(dev));
         let t = MmioTransport::new(mem(), dev.clone(), "test").unwrap();
@@ -470,21 +458,16 @@ mod tests {
 
     /// Drives the standard handshake with valid queues.
     fn bring_up(t: &mut MmioTransport) {
-        write(t, 0x70, ACKNOWLEDGE);
-        write(t, 0x70, ACKNOWLEDGE | DRIVER);
-        write(t, 0x24, 1);
-        write(t, 0x20, 1); // VERSION_1
-        write(t, 0x24, 0);
-        write(t, 0x20, 1 | VIRTIO_F_RING_EVENT_IDX as u32);
-        write(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        for (q, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
-            write(t, 0x30, q);
-            write(t, 0x38, 16);
-            write(t, 0x80, base);
-            write(t, 0x90, base + 0x100);
-            write(t, 0xa0, base + 0x200);
-            write(t, 0x44, 1);
-        }
+        let m = mem();
+        let queues = [
+            TestQueue::new(&m, 0x1000, 16),
+            TestQueue::new(&m, 0x4000, 16),
+        ];
+        mmio_configure(
+            t,
+            1 | VIRTIO_F_RING_EVENT_IDX as u32,
+            &[&queues[0], &queues[1]],
+        );
         write(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
     }
 

@@ -11,6 +11,8 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 

@@ -223,87 +223,28 @@ impl MutEventSubscriber for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    use event_manager::{EventManager, SubscriberOps};
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const MEM_SIZE: usize = 0x20_0000;
+    use crate::virtio::test_utils::{
+        mem, mmio_configure, read_guest, Looped, TestQueue, MEM_SIZE, R, W,
+    };
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-    }
-
-    /// Adds one chain of `(addr, len, writable)` descriptors at table index `first`.
-    fn add_chain(q: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[(u64, u32, bool)]) {
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, writable))| {
-                let mut flags = if writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
-                let last = i + 1 == descs.len();
-                if !last {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                let next = if last { 0 } else { first + i as u16 + 1 };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
-        q.add_desc_chains(&raw, first).unwrap();
-    }
-
-    fn used(q: &MockSplitQueue<GuestMemoryMmap>, i: usize) -> (u32, u32) {
-        let e = q.used().ring().ref_at(i).unwrap().load();
-        (e.id(), e.len())
-    }
-
-    struct Setup {
-        mem: GuestMemoryMmap,
-        rng: Arc<Mutex<Rng>>,
-        manager: EventManager<Arc<Mutex<Rng>>>,
-        irq: EventFd,
-    }
+    type Setup = Looped<Rng>;
 
     fn setup() -> Setup {
-        let mem = mem();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let rng = Arc::new(Mutex::new(Rng::new(irq.try_clone().unwrap()).unwrap()));
-        let mut manager = EventManager::<Arc<Mutex<Rng>>>::new().unwrap();
-        manager.add_subscriber(rng.clone());
-        Setup {
-            mem,
-            rng,
-            manager,
-            irq,
-        }
-    }
-
-    fn activate(s: &Setup, q: &MockSplitQueue<GuestMemoryMmap>) {
-        let ctx = ActivateContext {
-            mem: s.mem.clone(),
-            queues: vec![q.create_queue::<Queue>().unwrap()],
-            acked_features: VIRTIO_F_VERSION_1,
-        };
-        s.rng.lock().unwrap().activate(ctx).unwrap();
+        Looped::new(|irq| Rng::new(irq).unwrap())
     }
 
     fn kick(s: &mut Setup) {
-        s.rng.lock().unwrap().queue_events()[0].write(1).unwrap();
-        while s.manager.run_with_timeout(0).unwrap() > 0 {}
+        s.kick(0);
+        s.settle();
     }
 
     #[test]
     fn identity() {
         let s = setup();
-        let d = s.rng.lock().unwrap();
+        let d = s.lock();
         assert_eq!(d.device_type(), 4);
         assert_eq!(d.queue_max_sizes(), &[256]);
         assert_ne!(d.features() & VIRTIO_F_VERSION_1, 0);
@@ -313,145 +254,113 @@ mod tests {
     #[test]
     fn fills_writable_descriptors() {
         let mut s = setup();
-        let mem = s.mem.clone();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        activate(&s, &q);
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        s.activate(&mem, &[&q], false);
         kick(&mut s);
         // Skip the notify that activation would have sent.
         let _ = s.irq.read();
         // A readable descriptor in the middle is skipped, not filled.
-        add_chain(
-            &q,
-            0,
-            &[
-                (0x10_000, 32, true),
-                (0x11_000, 8, false),
-                (0x12_000, 32, true),
-            ],
-        );
+        q.add_chain(&[(0x10_000, 32, W), (0x11_000, 8, R), (0x12_000, 32, W)]);
         mem.write_slice(&[0xaa; 8], GuestAddress(0x11_000)).unwrap();
         kick(&mut s);
-        assert_eq!(q.used().idx().load(), 1);
-        assert_eq!(used(&q, 0), (0, 64));
-        let mut a = [0u8; 32];
-        let mut b = [0u8; 32];
-        mem.read_slice(&mut a, GuestAddress(0x10_000)).unwrap();
-        mem.read_slice(&mut b, GuestAddress(0x12_000)).unwrap();
+        assert_eq!(q.used_idx(), 1);
+        assert_eq!(q.used_entry(0), (0, 64));
+        let a = read_guest(&mem, 0x10_000, 32);
+        let b = read_guest(&mem, 0x12_000, 32);
         // 2^-256 chance of a false failure per buffer.
         assert_ne!(a, [0u8; 32]);
         assert_ne!(b, [0u8; 32]);
         assert_ne!(a, b);
-        let mut ro = [0u8; 8];
-        mem.read_slice(&mut ro, GuestAddress(0x11_000)).unwrap();
-        assert_eq!(ro, [0xaa; 8]);
+        assert_eq!(read_guest(&mem, 0x11_000, 8), [0xaa; 8]);
         assert_eq!(s.irq.read().unwrap(), 1);
     }
 
     #[test]
     fn caps_bytes_per_chain() {
         let mut s = setup();
-        let mem = s.mem.clone();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        activate(&s, &q);
-        add_chain(&q, 0, &[(0x10_0000, 0x10_0000, true)]);
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        s.activate(&mem, &[&q], false);
+        q.add_chain(&[(0x10_0000, 0x10_0000, W)]);
         kick(&mut s);
-        assert_eq!(used(&q, 0), (0, MAX_BYTES_PER_CHAIN as u32));
-        let mut after = [0u8; 64];
-        mem.read_slice(
-            &mut after,
-            GuestAddress(0x10_0000 + MAX_BYTES_PER_CHAIN as u64),
-        )
-        .unwrap();
+        assert_eq!(q.used_entry(0), (0, MAX_BYTES_PER_CHAIN as u32));
+        let after = read_guest(&mem, 0x10_0000 + MAX_BYTES_PER_CHAIN as u64, 64);
         assert_eq!(after, [0u8; 64]);
     }
 
     #[test]
     fn bad_chains_complete_empty_and_device_keeps_working() {
         let mut s = setup();
-        let mem = s.mem.clone();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        activate(&s, &q);
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        s.activate(&mem, &[&q], false);
         // Outside guest memory.
-        add_chain(&q, 0, &[(0xffff_0000, 64, true)]);
+        q.add_chain(&[(0xffff_0000, 64, W)]);
         // Straddling the end of guest memory.
-        add_chain(&q, 1, &[(MEM_SIZE as u64 - 16, 64, true)]);
+        q.add_chain(&[(MEM_SIZE as u64 - 16, 64, W)]);
         // No writable descriptor at all.
-        add_chain(&q, 2, &[(0x10_000, 64, false)]);
+        q.add_chain(&[(0x10_000, 64, R)]);
         // Zero-length writable descriptor.
-        add_chain(&q, 3, &[(0x10_000, 0, true)]);
+        q.add_chain(&[(0x10_000, 0, W)]);
         // A good one after them.
-        add_chain(&q, 4, &[(0x10_000, 16, true)]);
+        q.add_chain(&[(0x10_000, 16, W)]);
         kick(&mut s);
-        assert_eq!(q.used().idx().load(), 5);
+        assert_eq!(q.used_idx(), 5);
         for i in 0..4 {
-            assert_eq!(used(&q, i), (i as u32, 0));
+            assert_eq!(q.used_entry(i), (u32::from(i), 0));
         }
-        assert_eq!(used(&q, 4), (4, 16));
+        assert_eq!(q.used_entry(4), (4, 16));
     }
 
     #[test]
     fn notify_before_activation_is_drained() {
         let mut s = setup();
         kick(&mut s);
-        assert_eq!(s.manager.run_with_timeout(0).unwrap(), 0);
+        assert_eq!(s.em.run_with_timeout(0).unwrap(), 0);
         assert!(s.irq.read().is_err());
         // After a reset the queue is no longer processed.
-        let mem = s.mem.clone();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        activate(&s, &q);
-        s.rng.lock().unwrap().reset();
-        add_chain(&q, 0, &[(0x10_000, 16, true)]);
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        s.activate(&mem, &[&q], false);
+        s.lock().reset();
+        q.add_chain(&[(0x10_000, 16, W)]);
         kick(&mut s);
-        assert_eq!(q.used().idx().load(), 0);
+        assert_eq!(q.used_idx(), 0);
     }
 
     #[test]
     fn bogus_avail_index_needs_reset_without_spinning() {
         let mut s = setup();
-        let mem = s.mem.clone();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        activate(&s, &q);
-        q.avail().idx().store(100);
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        s.activate(&mem, &[&q], false);
+        q.set_avail_idx(100);
         kick(&mut s);
-        assert!(s.rng.lock().unwrap().interrupt().needs_reset());
-        assert_eq!(q.used().idx().load(), 0);
+        assert!(s.lock().interrupt().needs_reset());
+        assert_eq!(q.used_idx(), 0);
         kick(&mut s);
-        assert_eq!(q.used().idx().load(), 0);
+        assert_eq!(q.used_idx(), 0);
     }
 
     #[test]
     fn driven_through_the_mmio_transport() {
         use crate::virtio::mmio::MmioTransport;
-        use crate::BusDevice;
+        use crate::virtio::test_utils::{mmio_read, mmio_write};
 
         let mut s = setup();
-        let mem = s.mem.clone();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let dev: Arc<Mutex<dyn VirtioDevice>> = s.rng.clone();
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        let dev: Arc<std::sync::Mutex<dyn VirtioDevice>> = s.dev.clone();
         let mut t = MmioTransport::new(mem.clone(), dev, "rng").unwrap();
-        let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
-        w(0x70, 1);
-        w(0x70, 3);
-        w(0x24, 1);
-        w(0x20, 1); // VERSION_1
-        w(0x24, 0);
-        w(0x20, VIRTIO_F_RING_EVENT_IDX as u32);
-        w(0x70, 0xb);
-        w(0x30, 0);
-        w(0x38, 16);
-        w(0x80, q.desc_table_addr().0 as u32);
-        w(0x90, q.avail_addr().0 as u32);
-        w(0xa0, q.used_addr().0 as u32);
-        w(0x44, 1);
-        add_chain(&q, 0, &[(0x10_000, 48, true)]);
+        mmio_configure(&mut t, VIRTIO_F_RING_EVENT_IDX as u32, &[&q]);
+        q.add_chain(&[(0x10_000, 48, W)]);
         // The chain was queued before DRIVER_OK; activation kicks the queue.
-        w(0x70, 0xf);
-        while s.manager.run_with_timeout(0).unwrap() > 0 {}
-        assert_eq!(used(&q, 0), (0, 48));
+        mmio_write(&mut t, 0x70, 0xf);
+        s.settle();
+        assert_eq!(q.used_entry(0), (0, 48));
         assert_eq!(s.irq.read().unwrap(), 1);
-        let mut st = [0u8; 4];
-        t.read(0x60, &mut st);
-        assert_eq!(u32::from_le_bytes(st), crate::virtio::INT_VRING);
+        assert_eq!(mmio_read(&mut t, 0x60), crate::virtio::INT_VRING);
     }
 
     #[test]
@@ -460,12 +369,12 @@ mod tests {
         let mut queue = Queue::new(16).unwrap();
         queue.set_ready(false);
         let ctx = ActivateContext {
-            mem: s.mem.clone(),
+            mem: mem(),
             queues: vec![queue],
             acked_features: VIRTIO_F_VERSION_1,
         };
         assert!(matches!(
-            s.rng.lock().unwrap().activate(ctx),
+            s.lock().activate(ctx),
             Err(ActivateError::QueueNotReady(0))
         ));
     }

@@ -332,14 +332,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use crate::virtio::test_utils::{mem, MEM_SIZE, NEXT, R, W};
 
-    const R: u16 = 0;
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
+    /// Past the end of guest memory.
+    const OUTSIDE: u64 = 2 * MEM_SIZE as u64;
+    /// 256 bytes before the end of guest memory.
+    const NEAR_END: u64 = MEM_SIZE as u64 - 0x100;
 
     /// A terminated chain: NEXT on all but the last descriptor.
     fn chain(parts: &[(u64, u32, u16)]) -> Vec<Descriptor> {
@@ -347,11 +345,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, flags))| {
-                let next = if i + 1 < parts.len() {
-                    VRING_DESC_F_NEXT as u16
-                } else {
-                    0
-                };
+                let next = if i + 1 < parts.len() { NEXT } else { 0 };
                 Descriptor::new(addr, len, flags | next, i as u16 + 1)
             })
             .collect()
@@ -444,11 +438,8 @@ mod tests {
         assert_eq!(e, invalid(RequestError::NoStatus, None));
         let e = err(&[(0x1000, 16, R), (0x2000, 512, W), (0x3000, 1, R)]);
         assert_eq!(e, invalid(RequestError::ReadableAfterWritable, None));
-        let e = err(&[(0x1000, 16, R), (0x2000, 512, W), (0x20_0000, 1, W)]);
-        assert_eq!(
-            e,
-            invalid(RequestError::StatusOutsideMemory(0x20_0000), None)
-        );
+        let e = err(&[(0x1000, 16, R), (0x2000, 512, W), (OUTSIDE, 1, W)]);
+        assert_eq!(e, invalid(RequestError::StatusOutsideMemory(OUTSIDE), None));
         let e = err(&[(0x1000, 16, R), (u64::MAX, 2, W)]);
         assert_eq!(e.error, RequestError::StatusOutsideMemory(0));
 
@@ -457,11 +448,11 @@ mod tests {
         assert_eq!(e, invalid(RequestError::HeaderTooShort(8), st));
         let e = err(&[(0x1000, 16, W), (0x3000, 1, W)]);
         assert_eq!(e, invalid(RequestError::HeaderTooShort(0), st));
-        let e = err(&[(0x1000, 16, R), (0xf_ff00, 512, W), (0x3000, 1, W)]);
+        let e = err(&[(0x1000, 16, R), (NEAR_END, 512, W), (0x3000, 1, W)]);
         assert_eq!(
             e.error,
             RequestError::OutsideMemory {
-                addr: 0xf_ff00,
+                addr: NEAR_END,
                 len: 512
             }
         );
@@ -483,7 +474,7 @@ mod tests {
 
         // Not terminated: the last descriptor still says NEXT.
         let mut c = chain(&[(0x1000, 16, R), (0x3000, 1, W)]);
-        c[1] = Descriptor::new(0x3000, 1, W | VRING_DESC_F_NEXT as u16, 0);
+        c[1] = Descriptor::new(0x3000, 1, W | NEXT, 0);
         assert_eq!(
             parse_request(&m, c).unwrap_err().error,
             RequestError::Unterminated
@@ -491,7 +482,7 @@ mod tests {
 
         // Too long.
         let c = std::iter::repeat_n(
-            Descriptor::new(0x1000, 16, VRING_DESC_F_NEXT as u16, 0),
+            Descriptor::new(0x1000, 16, NEXT, 0),
             MAX_CHAIN_DESCRIPTORS + 1,
         );
         assert_eq!(

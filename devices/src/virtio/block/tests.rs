@@ -1,30 +1,24 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 
-use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::virtio::test_utils::{self, mem, read_guest, Looped, TestQueue, NEXT, R, W};
 use crate::virtio::INT_VRING;
 
-const MEM_SIZE: u64 = 0x80_0000;
+const MEM_SIZE: u64 = test_utils::MEM_SIZE as u64;
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x60_0000;
 /// A queue size where the mock's rings do not overlap for < 128 requests.
 const QSIZE: u16 = 256;
-
-const R: u16 = 0;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
 static FILE_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -55,10 +49,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
 }
 
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
-}
-
 fn config(img: &TempImage) -> BlockConfig {
     BlockConfig {
         path: img.0.clone(),
@@ -83,20 +73,12 @@ fn status(mem: &GuestMemoryMmap) -> u8 {
     mem.read_obj(GuestAddress(STATUS)).unwrap()
 }
 
-fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-    v
-}
-
-/// The driver side: a mock split queue feeding an activated device.
+/// The driver side: a test queue feeding an activated device, which is run
+/// by calling `process_queue` directly (no event loop).
 struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    vq: TestQueue<'a>,
     block: Block,
-    next_desc: u16,
-    avail_idx: u16,
-    used_idx: u16,
 }
 
 impl<'a> Driver<'a> {
@@ -105,8 +87,8 @@ impl<'a> Driver<'a> {
     }
 
     fn with_event_idx(mem: &'a GuestMemoryMmap, mut block: Block, event_idx: bool) -> Self {
-        let vq = MockSplitQueue::new(mem, QSIZE);
-        let mut q: Queue = vq.create_queue().unwrap();
+        let vq = TestQueue::new(mem, 0, QSIZE);
+        let mut q = vq.queue();
         q.set_event_idx(event_idx);
         block
             .activate(ActivateContext {
@@ -115,74 +97,19 @@ impl<'a> Driver<'a> {
                 acked_features: block.features(),
             })
             .unwrap();
-        Driver {
-            mem,
-            vq,
-            block,
-            next_desc: 0,
-            avail_idx: 0,
-            used_idx: 0,
-        }
-    }
-
-    fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.vq
-            .desc_table()
-            .store(
-                index,
-                RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
-            )
-            .unwrap();
-    }
-
-    fn publish(&mut self, head: u16) {
-        let avail = self.vq.avail();
-        avail
-            .ring()
-            .ref_at((self.avail_idx % QSIZE) as usize)
-            .unwrap()
-            .store(head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        avail.idx().store(self.avail_idx);
+        Driver { mem, vq, block }
     }
 
     /// Processes the queue; returns the used entries added, as (id, len).
     fn run(&mut self) -> Vec<(u32, u32)> {
         self.block.process_queue();
-        let used = self.vq.used();
-        let idx = used.idx().load();
-        let mut out = Vec::new();
-        while self.used_idx != idx {
-            let e = used
-                .ring()
-                .ref_at((self.used_idx % QSIZE) as usize)
-                .unwrap()
-                .load();
-            out.push((e.id(), e.len()));
-            self.used_idx = self.used_idx.wrapping_add(1);
-        }
-        out
+        self.vq.take_used()
     }
 
     /// Submits one chain of `(addr, len, flags)` (NEXT is added); returns
     /// the used length.
     fn submit(&mut self, parts: &[(u64, u32, u16)]) -> u32 {
-        let n = parts.len() as u16;
-        if self.next_desc + n > QSIZE {
-            self.next_desc = 0;
-        }
-        let head = self.next_desc;
-        for (i, &(addr, len, flags)) in parts.iter().enumerate() {
-            let idx = head + i as u16;
-            let flags = if i + 1 < parts.len() {
-                flags | NEXT
-            } else {
-                flags
-            };
-            self.store(idx, addr, len, flags, idx + 1);
-        }
-        self.next_desc += n;
-        self.publish(head);
+        let head = self.vq.add_chain(parts);
         let used = self.run();
         assert_eq!(used.len(), 1, "one chain in, one chain out");
         assert_eq!(used[0].0, u32::from(head));
@@ -482,16 +409,16 @@ fn descriptor_loops_and_overlong_chains() {
     header(&m, VIRTIO_BLK_T_IN, 0);
 
     // 0 -> 1 -> 0 -> ...
-    d.store(0, HDR, 16, R | NEXT, 1);
-    d.store(1, STATUS, 1, W | NEXT, 0);
-    d.publish(0);
+    d.vq.store(0, HDR, 16, R | NEXT, 1);
+    d.vq.store(1, STATUS, 1, W | NEXT, 0);
+    d.vq.publish(0);
     // A next index beyond the table.
-    d.store(2, HDR, 16, R | NEXT, 3);
-    d.store(3, STATUS, 1, W | NEXT, 300);
-    d.publish(2);
+    d.vq.store(2, HDR, 16, R | NEXT, 3);
+    d.vq.store(3, STATUS, 1, W | NEXT, 300);
+    d.vq.publish(2);
     // A self loop.
-    d.store(4, HDR, 16, R | NEXT, 4);
-    d.publish(4);
+    d.vq.store(4, HDR, 16, R | NEXT, 4);
+    d.vq.publish(4);
     // An indirect table longer than any request may be.
     let table = 0x70_0000u64;
     let n = MAX_CHAIN_DESCRIPTORS as u64 + 100;
@@ -500,11 +427,11 @@ fn descriptor_loops_and_overlong_chains() {
         m.write_obj(RawDescriptor::from(desc), GuestAddress(table + 16 * i))
             .unwrap();
     }
-    d.store(5, table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16, 0);
-    d.publish(5);
+    d.vq.store(5, table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16, 0);
+    d.vq.publish(5);
     // An indirect table outside guest memory.
-    d.store(6, MEM_SIZE, 64, VRING_DESC_F_INDIRECT as u16, 0);
-    d.publish(6);
+    d.vq.store(6, MEM_SIZE, 64, VRING_DESC_F_INDIRECT as u16, 0);
+    d.vq.publish(6);
     // A head beyond the table is handled below (it breaks the queue).
 
     m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
@@ -514,7 +441,7 @@ fn descriptor_loops_and_overlong_chains() {
     assert!(!d.block.interrupt().needs_reset());
 
     // The queue still works afterwards.
-    d.next_desc = 10;
+    d.vq.next_desc = 10;
     assert_eq!(d.read(0, 512), (OK, 513));
 }
 
@@ -524,22 +451,22 @@ fn broken_available_ring_needs_reset() {
     let m = mem();
     let mut d = Driver::new(&m, block(&config(&img)));
     // A head index beyond the queue cannot be completed.
-    d.publish(QSIZE + 5);
+    d.vq.publish(QSIZE + 5);
     assert!(d.run().is_empty());
     assert!(d.block.interrupt().needs_reset());
     // Nothing more happens until a reset.
-    d.next_desc = 0;
+    d.vq.next_desc = 0;
     header(&m, VIRTIO_BLK_T_IN, 0);
-    d.store(0, HDR, 16, R | NEXT, 1);
-    d.store(1, STATUS, 1, W, 0);
-    d.publish(0);
+    d.vq.store(0, HDR, 16, R | NEXT, 1);
+    d.vq.store(1, STATUS, 1, W, 0);
+    d.vq.publish(0);
     assert!(d.run().is_empty());
 
     // More chains announced than the queue holds.
     let m2 = mem();
     drop(d); // the image is locked while a device holds it
     let mut d2 = Driver::new(&m2, block(&config(&img)));
-    d2.vq.avail().idx().store(QSIZE + 1);
+    d2.vq.set_avail_idx(QSIZE + 1);
     assert!(d2.run().is_empty());
     assert!(d2.block.interrupt().needs_reset());
 }
@@ -549,7 +476,7 @@ fn event_idx_suppresses_interrupts() {
     let img = TempImage::new(&pattern(4096));
     let m = mem();
     let mut d = Driver::with_event_idx(&m, block(&config(&img)), true);
-    let used_event = GuestAddress(d.vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE));
+    let used_event = d.vq.used_event_addr();
 
     // The driver wants an interrupt only once used idx passes 5.
     m.write_obj(5u16, used_event).unwrap();
@@ -734,68 +661,43 @@ fn activation_and_reset() {
             acked_features: 0
         })
         .is_err());
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    let q: Queue = vq.create_queue().unwrap();
+    let mut vq = TestQueue::new(&m, 0, QSIZE);
     b.activate(ActivateContext {
         mem: m.clone(),
-        queues: vec![q],
+        queues: vec![vq.queue()],
         acked_features: 0,
     })
     .unwrap();
     b.reset();
     header(&m, VIRTIO_BLK_T_IN, 0);
-    vq.add_desc_chains(
-        &[
-            RawDescriptor::from(Descriptor::new(HDR, 16, NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(STATUS, 1, W, 0)),
-        ],
-        0,
-    )
-    .unwrap();
+    vq.add_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
     b.process_queue();
-    assert_eq!(vq.used().idx().load(), 0);
+    assert_eq!(vq.used_idx(), 0);
 }
 
 #[test]
 fn event_loop_drives_the_queue() {
     let img = TempImage::new(&pattern(4096));
     let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    let q: Queue = vq.create_queue().unwrap();
-    let blk = Arc::new(Mutex::new(block(&config(&img))));
-    let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
-    em.add_subscriber(blk.clone());
+    let mut vq = TestQueue::new(&m, 0, QSIZE);
+    let mut blk = Looped::new(|irq| Block::new(&config(&img), irq).unwrap());
 
     // A notification before activation is drained and ignored.
-    blk.lock().unwrap().queue_events()[0].write(1).unwrap();
-    assert_eq!(em.run_with_timeout(100).unwrap(), 1);
-    assert!(blk.lock().unwrap().queue_events()[0].read().is_err());
+    blk.kick(0);
+    assert_eq!(blk.em.run_with_timeout(100).unwrap(), 1);
+    assert!(blk.lock().queue_events()[0].read().is_err());
 
-    blk.lock()
-        .unwrap()
-        .activate(ActivateContext {
-            mem: m.clone(),
-            queues: vec![q],
-            acked_features: 0,
-        })
-        .unwrap();
+    blk.activate(&m, &[&vq], false);
+    blk.settle();
     header(&m, VIRTIO_BLK_T_IN, 1);
-    vq.add_desc_chains(
-        &[
-            RawDescriptor::from(Descriptor::new(HDR, 16, NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(DATA, 512, W | NEXT, 2)),
-            RawDescriptor::from(Descriptor::new(STATUS, 1, W, 0)),
-        ],
-        0,
-    )
-    .unwrap();
-    blk.lock().unwrap().queue_events()[0].write(1).unwrap();
-    assert_eq!(em.run_with_timeout(100).unwrap(), 1);
-    assert_eq!(vq.used().idx().load(), 1);
-    assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 513);
+    vq.add_chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+    blk.kick(0);
+    assert_eq!(blk.em.run_with_timeout(100).unwrap(), 1);
+    assert_eq!(vq.used_idx(), 1);
+    assert_eq!(vq.used_entry(0).1, 513);
     assert_eq!(status(&m), OK);
     assert_eq!(read_guest(&m, DATA, 512), &pattern(4096)[512..1024]);
-    assert_eq!(blk.lock().unwrap().interrupt().status(), INT_VRING);
+    assert_eq!(blk.lock().interrupt().status(), INT_VRING);
 }
 
 /// A small deterministic generator for the random-chain test.
@@ -863,7 +765,7 @@ fn random_chains_never_panic() {
     for _ in 0..10 {
         let mut published = 0;
         for _ in 0..10 {
-            let head = d.next_desc;
+            let head = d.vq.next_desc;
             let n = 1 + (rng.next() % 5) as u16;
             let shaped = rng.next().is_multiple_of(2);
             for i in 0..n {
@@ -890,17 +792,17 @@ fn random_chains_never_panic() {
                     (true, _) if last => (STATUS, 1),
                     _ => (rng.pick(&addrs), rng.pick(&lens)),
                 };
-                d.store(head + i, addr, len, flags, next);
+                d.vq.store(head + i, addr, len, flags, next);
             }
-            d.next_desc += n;
+            d.vq.next_desc += n;
             header(&m, rng.pick(&types), rng.pick(&sectors));
-            d.publish(head);
+            d.vq.publish(head);
             published += 1;
         }
         let used = d.run();
         assert_eq!(used.len(), published);
         answered += used.iter().filter(|u| u.1 > 0).count();
-        d.next_desc = 0;
+        d.vq.next_desc = 0;
     }
     assert!(!d.block.interrupt().needs_reset());
     assert!(answered > 0);

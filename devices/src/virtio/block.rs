@@ -32,8 +32,9 @@ pub use self::request::{
     parse_request, InvalidRequest, Request, RequestError, RequestType, Segment, ID_BYTES,
     MAX_CHAIN_DESCRIPTORS,
 };
+use super::queue::{drain, Drained, Handled};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
@@ -276,15 +277,6 @@ impl Disk {
     }
 }
 
-/// The queue and memory of an activated device.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    /// The driver broke the queue itself; nothing more is processed until
-    /// the driver resets the device.
-    broken: bool,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     disk: Disk,
@@ -292,7 +284,7 @@ pub struct Block {
     config: [u8; CONFIG_SPACE_LEN],
     queue_evts: [EventFd; 1],
     interrupt: Arc<Interrupt>,
-    active: Option<Active>,
+    state: DeviceState,
 }
 
 impl Block {
@@ -366,7 +358,7 @@ impl Block {
             config: cfg,
             queue_evts: [queue_evt],
             interrupt: Arc::new(Interrupt::new(interrupt_evt)),
-            active: None,
+            state: DeviceState::Inactive,
         })
     }
 
@@ -386,71 +378,19 @@ impl Block {
     /// notification; it is public for VMMs without an event loop and for
     /// fuzzing the whole device.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.running() else {
             return;
         };
-        if active.broken {
-            return;
-        }
-        let mem = &active.mem;
-        let queue = &mut active.queue;
         let disk = &mut self.disk;
-        let mut used = 0usize;
-        let mut error: Option<String> = None;
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                error = Some(format!("cannot disable queue notifications: {e}"));
-                break;
+        let drained = drain(active, 0, Some(MAX_CHAINS_PER_EVENT), |mem, chain| {
+            let head = chain.head_index();
+            Handled::Used(disk.handle_chain(mem, head, chain))
+        });
+        if drained == Drained::Budget {
+            // Let other devices run; come back on the next turn.
+            if let Err(e) = self.queue_evts[0].write(1) {
+                warn!("{}: cannot re-arm the queue event: {e}", self.disk.name);
             }
-            loop {
-                if used >= MAX_CHAINS_PER_EVENT {
-                    // Let other devices run; come back on the next turn.
-                    if let Err(e) = self.queue_evts[0].write(1) {
-                        warn!("{}: cannot re-arm the queue event: {e}", disk.name);
-                    }
-                    break 'outer;
-                }
-                let chain = match queue.iter(mem) {
-                    Ok(mut avail) => avail.next(),
-                    Err(e) => {
-                        error = Some(format!("invalid available ring: {e}"));
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = disk.handle_chain(mem, head, chain);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    error = Some(format!("cannot complete descriptor {head}: {e}"));
-                    break 'outer;
-                }
-                used += 1;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    error = Some(format!("cannot enable queue notifications: {e}"));
-                    break;
-                }
-            }
-        }
-        if used > 0 {
-            match queue.needs_notification(mem) {
-                Ok(false) => {}
-                Ok(true) => self.interrupt.signal_used(),
-                Err(e) => {
-                    warn!("{}: cannot read the used event index: {e}", disk.name);
-                    self.interrupt.signal_used();
-                }
-            }
-        }
-        if let Some(msg) = error {
-            warn!("{}: {msg}; the device needs a reset", disk.name);
-            active.broken = true;
-            self.interrupt.set_needs_reset();
         }
     }
 }
@@ -481,22 +421,12 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let Some(queue) = ctx.queues.into_iter().next() else {
-            return Err(ActivateError::Other("virtio-blk needs one queue".into()));
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            broken: false,
-        });
-        Ok(())
+        self.state
+            .activate(ctx, &self.interrupt, &self.disk.name, 1)
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.state.reset();
     }
 }
 
@@ -515,9 +445,7 @@ impl MutEventSubscriber for Block {
                 warn!("{}: cannot read the queue event: {e}", self.disk.name);
             }
         }
-        if self.active.is_some() {
-            self.process_queue();
-        }
+        self.process_queue();
     }
 
     fn init(&mut self, ops: &mut EventOps) {

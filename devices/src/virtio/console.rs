@@ -32,7 +32,6 @@ mod tests;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -40,14 +39,15 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use self::endpoint::Endpoint;
+use self::endpoint::{Direction, Endpoint, Host};
+use super::queue::{drain, ChainError, Drained, Handled};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
@@ -154,71 +154,26 @@ pub enum ConsoleError {
     EventFd(io::Error),
 }
 
-/// Pops the next chain; `Err` when the driver published an avail index the
-/// queue cannot hold (a broken or hostile driver).
-fn pop_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
-    Ok(queue.iter(mem)?.next())
-}
-
-fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
-    if let Err(e) = queue.add_used(mem, head, len) {
-        error!("virtio-console: cannot complete descriptor chain {head}: {e}");
-    }
-}
-
-fn notify_guest(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-    match queue.needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) => interrupt.signal_used(),
-        Err(e) => {
-            warn!("virtio-console: cannot read used_event ({e}); signalling anyway");
-            interrupt.signal_used();
-        }
-    }
-}
-
-/// Which side of the backend failed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Input,
-    Output,
-}
-
 /// The virtio console device.
 pub struct Console {
-    endpoint: Endpoint,
+    host: Host,
     interrupt: Arc<Interrupt>,
     queue_events: Vec<EventFd>,
     timer: TimerFd,
     timer_armed: bool,
     config: [u8; 12],
-    mem: Option<GuestMemoryMmap>,
-    /// Empty until activated.
-    queues: Vec<Queue>,
-    /// Set when the driver broke a queue; nothing is processed until reset.
-    broken: bool,
+    state: DeviceState,
 
     /// Host to guest scratch buffer.
     rx_buf: Vec<u8>,
     /// The guest posted no receive buffer: input is not watched until it
     /// notifies the receive queue.
     rx_stalled: bool,
-    /// No (more) input: end of file, or an fd epoll cannot watch.
-    input_closed: bool,
-
-    /// Guest output not yet written to the backend, from `tx_pos` on.
-    tx_buf: Vec<u8>,
-    tx_pos: usize,
     /// Bytes of the chain at the head of the transmit queue already moved to
     /// `tx_buf` (chains longer than [`CHUNK`] are taken in pieces).
     tx_chain_offset: usize,
     /// EPOLLOUT cannot be watched on the output fd: retry on the timer.
     output_unpollable: bool,
-    /// A stdio or file output failed for good: guest output is discarded.
-    output_broken: bool,
 
     /// Longest the notifying vCPU thread waits for a reader that pushed
     /// back ([`VCPU_WAIT`]).
@@ -226,8 +181,6 @@ pub struct Console {
 
     /// Backend fds in the event loop, with the events watched.
     registered: Vec<(RawFd, EventSet)>,
-    /// Lost connections, closed once out of the event loop.
-    closing: Vec<UnixStream>,
 }
 
 impl Console {
@@ -239,7 +192,10 @@ impl Console {
 
     /// A console on a connected stream that is not reconnected when lost.
     #[cfg(test)]
-    fn from_stream(stream: UnixStream, interrupt_evt: EventFd) -> Result<Console, ConsoleError> {
+    fn from_stream(
+        stream: std::os::unix::net::UnixStream,
+        interrupt_evt: EventFd,
+    ) -> Result<Console, ConsoleError> {
         let endpoint = Endpoint::from_stream(stream).map_err(ConsoleError::EventFd)?;
         Self::with_endpoint(endpoint, interrupt_evt)
     }
@@ -254,190 +210,45 @@ impl Console {
         // cols, rows: 0 (unknown); max_nr_ports: 1; emerg_wr: 0.
         config[4..8].copy_from_slice(&1u32.to_le_bytes());
         Ok(Console {
-            endpoint,
+            host: Host::new(endpoint),
             interrupt: Arc::new(Interrupt::new(interrupt_evt)),
             queue_events,
             timer,
             timer_armed: false,
             config,
-            mem: None,
-            queues: Vec::new(),
-            broken: false,
+            state: DeviceState::Inactive,
             rx_buf: Vec::new(),
             rx_stalled: false,
-            input_closed: false,
-            tx_buf: Vec::new(),
-            tx_pos: 0,
             tx_chain_offset: 0,
             output_unpollable: false,
-            output_broken: false,
             vcpu_wait: VCPU_WAIT,
             registered: Vec::new(),
-            closing: Vec::new(),
         })
     }
 
     fn activated(&self) -> bool {
-        !self.queues.is_empty() && !self.broken
+        self.state.is_running()
     }
 
     fn has_pending_output(&self) -> bool {
-        self.tx_pos < self.tx_buf.len()
-    }
-
-    fn queue_broken(&mut self, which: &str, e: virtio_queue::Error) {
-        error!("virtio-console: {which} queue is broken ({e}); device needs reset");
-        self.broken = true;
-        self.interrupt.set_needs_reset();
-    }
-
-    /// Reacts to a failed or closed backend.
-    fn backend_failed(&mut self, dir: Direction, e: io::Error) {
-        if self.endpoint.is_socket() {
-            if let Some(s) = self.endpoint.disconnect(&e) {
-                // Closed by sync_interest, after it leaves the event loop.
-                self.closing.push(s);
-            }
-            return;
-        }
-        match dir {
-            Direction::Input => {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    info!("virtio-console: input reached end of file");
-                } else {
-                    warn!("virtio-console: reading input failed ({e}); no more input");
-                }
-                self.input_closed = true;
-            }
-            Direction::Output => {
-                error!("virtio-console: writing output failed ({e}); guest output is discarded from now on");
-                self.output_broken = true;
-            }
-        }
-    }
-
-    /// Writes pending guest output. True when nothing is left pending.
-    fn flush_output(&mut self) -> bool {
-        while self.has_pending_output() {
-            if self.output_broken {
-                break;
-            }
-            if !self.endpoint.connected() {
-                return false;
-            }
-            match self.endpoint.write(&self.tx_buf[self.tx_pos..]) {
-                Ok(0) => self.backend_failed(Direction::Output, io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.tx_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) => self.backend_failed(Direction::Output, e),
-            }
-        }
-        self.tx_buf.clear();
-        self.tx_pos = 0;
-        true
+        self.host.has_pending_output()
     }
 
     /// Moves guest output to the backend until the transmit queue is empty
     /// or the backend pushes back.
     fn process_tx(&mut self) {
-        let mut used_any = false;
-        let mut notifications_enabled = true;
-        loop {
-            if !self.flush_output() || !self.activated() {
-                break;
-            }
-            let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(TRANSMITQ))
-            else {
-                break;
-            };
-            if notifications_enabled {
-                if let Err(e) = queue.disable_notification(mem) {
-                    warn!("virtio-console: cannot disable transmit notifications: {e}");
-                }
-                notifications_enabled = false;
-            }
-            let chain = match pop_chain(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    notifications_enabled = true;
-                    match queue.enable_notification(mem) {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(e) => {
-                            warn!("virtio-console: cannot enable transmit notifications: {e}");
-                            break;
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.queue_broken("transmit", e);
-                    break;
-                }
-            };
-            let head = chain.head_index();
-            let mut reader = match chain.reader(mem) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("virtio-console: transmit chain {head} is malformed ({e}); skipped");
-                    self.tx_chain_offset = 0;
-                    add_used(queue, mem, head, 0);
-                    used_any = true;
-                    continue;
-                }
-            };
-            let total = reader.available_bytes();
-            if total == 0 {
-                warn!(
-                    "virtio-console: transmit chain {head} has no device-readable buffer; skipped"
-                );
-                self.tx_chain_offset = 0;
-                add_used(queue, mem, head, 0);
-                used_any = true;
-                continue;
-            }
-            let start = self.tx_chain_offset.min(total);
-            let mut rest = if start == 0 {
-                reader
-            } else {
-                match reader.split_at(start) {
-                    Ok(rest) => rest,
-                    Err(e) => {
-                        warn!("virtio-console: transmit chain {head} cannot be resumed ({e}); skipped");
-                        self.tx_chain_offset = 0;
-                        add_used(queue, mem, head, 0);
-                        used_any = true;
-                        continue;
-                    }
-                }
-            };
-            let n = rest.available_bytes().min(CHUNK);
-            self.tx_buf.resize(n, 0);
-            self.tx_pos = 0;
-            if let Err(e) = rest.read_exact(&mut self.tx_buf) {
-                warn!("virtio-console: cannot read transmit chain {head} ({e}); skipped");
-                self.tx_buf.clear();
-                self.tx_chain_offset = 0;
-                add_used(queue, mem, head, 0);
-                used_any = true;
-                continue;
-            }
-            if start + n >= total {
-                self.tx_chain_offset = 0;
-                add_used(queue, mem, head, 0);
-                used_any = true;
-            } else {
-                // Leave the chain at the head of the queue; the rest comes
-                // once this piece is written.
-                self.tx_chain_offset = start + n;
-                queue.go_to_previous_position();
-            }
+        // Held-back output goes first: no chain is taken while the backend
+        // has not taken the last one.
+        if !self.host.flush_output() {
+            return;
         }
-        if used_any {
-            if let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(TRANSMITQ)) {
-                notify_guest(queue, mem, &self.interrupt);
-            }
-        }
+        let Some(active) = self.state.running() else {
+            return;
+        };
+        let (host, offset) = (&mut self.host, &mut self.tx_chain_offset);
+        drain(active, TRANSMITQ, None, |mem, chain| {
+            take_output(host, offset, mem, chain)
+        });
     }
 
     /// Called in the notifying vCPU's thread when the socket pushed back:
@@ -450,8 +261,8 @@ impl Console {
     /// wait at once (the signal interrupts `poll`).
     fn wait_for_reader(&mut self) {
         let deadline = std::time::Instant::now() + self.vcpu_wait;
-        while self.has_pending_output() && !self.output_broken && self.activated() {
-            let Some(fd) = self.endpoint.output_fd() else {
+        while self.has_pending_output() && !self.host.output_broken && self.activated() {
+            let Some(fd) = self.host.endpoint.output_fd() else {
                 return;
             };
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -480,93 +291,59 @@ impl Console {
     /// Moves backend input into the guest's receive buffers; called when
     /// the input fd is readable.
     fn process_rx(&mut self) {
-        if self.input_closed || !self.endpoint.connected() || !self.activated() {
+        if self.host.input_closed || !self.host.endpoint.connected() {
             return;
         }
-        let may_block = self.endpoint.input_may_block();
-        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(RECEIVEQ)) else {
+        let Some(active) = self.state.running() else {
             return;
         };
-        let mut used_any = false;
+        let may_block = self.host.endpoint.input_may_block();
+        let (endpoint, rx_buf) = (&mut self.host.endpoint, &mut self.rx_buf);
         let mut failure = None;
-        let mut broken = None;
-        loop {
-            let chain = match pop_chain(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        self.rx_stalled = true;
-                        break;
-                    }
-                    Err(e) => {
-                        warn!("virtio-console: cannot enable receive notifications: {e}");
-                        self.rx_stalled = true;
-                        break;
-                    }
-                },
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
-            };
-            let head = chain.head_index();
+        let drained = drain(active, RECEIVEQ, None, |mem, chain| {
             let mut writer = match chain.writer(mem) {
                 Ok(w) => w,
-                Err(e) => {
-                    warn!("virtio-console: receive chain {head} is malformed ({e}); skipped");
-                    add_used(queue, mem, head, 0);
-                    used_any = true;
-                    continue;
-                }
+                Err(e) => return Handled::Malformed(ChainError::Malformed(e)),
             };
             let cap = writer.available_bytes().min(CHUNK);
             if cap == 0 {
-                warn!(
-                    "virtio-console: receive chain {head} has no device-writable buffer; skipped"
-                );
-                add_used(queue, mem, head, 0);
-                used_any = true;
-                continue;
+                return Handled::Malformed(ChainError::NoWritable);
             }
-            self.rx_buf.resize(cap, 0);
-            match self.endpoint.read(&mut self.rx_buf[..cap]) {
-                Ok(0) => {
-                    queue.go_to_previous_position();
-                    failure = Some(io::Error::new(io::ErrorKind::UnexpectedEof, "end of file"));
-                    break;
-                }
-                Ok(n) => {
-                    if let Err(e) = writer.write_all(&self.rx_buf[..n]) {
-                        warn!("virtio-console: cannot write receive chain {head}: {e}");
+            rx_buf.resize(cap, 0);
+            loop {
+                match endpoint.read(&mut rx_buf[..cap]) {
+                    Ok(0) => {
+                        failure = Some(io::Error::new(io::ErrorKind::UnexpectedEof, "end of file"));
+                        return Handled::Stop;
                     }
-                    // n <= CHUNK, which fits in u32.
-                    add_used(queue, mem, head, writer.bytes_written() as u32);
-                    used_any = true;
-                    if may_block {
-                        break;
+                    Ok(n) => {
+                        if let Err(e) = writer.write_all(&rx_buf[..n]) {
+                            warn!("virtio-console: cannot write a receive chain: {e}");
+                        }
+                        // n <= CHUNK, which fits in u32.
+                        let len = writer.bytes_written() as u32;
+                        // An fd that may block is read once per readiness event.
+                        return if may_block {
+                            Handled::UsedAndStop(len)
+                        } else {
+                            Handled::Used(len)
+                        };
                     }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => queue.go_to_previous_position(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    queue.go_to_previous_position();
-                    break;
-                }
-                Err(e) => {
-                    queue.go_to_previous_position();
-                    failure = Some(e);
-                    break;
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Handled::Stop,
+                    Err(e) => {
+                        failure = Some(e);
+                        return Handled::Stop;
+                    }
                 }
             }
-        }
-        if used_any {
-            notify_guest(queue, mem, &self.interrupt);
-        }
-        if let Some(e) = broken {
-            self.queue_broken("receive", e);
+        });
+        if drained == Drained::Empty {
+            // No buffer left: input waits until the guest posts more.
+            self.rx_stalled = true;
         }
         if let Some(e) = failure {
-            self.backend_failed(Direction::Input, e);
+            self.host.failed(Direction::Input, e);
         }
     }
 
@@ -576,8 +353,8 @@ impl Console {
         if matches!(self.timer.is_armed(), Ok(true)) {
             let _ = self.timer.wait();
         }
-        self.endpoint.reconnect();
-        if self.endpoint.connected() {
+        self.host.endpoint.reconnect();
+        if self.host.endpoint.connected() {
             // Held-back output goes first, then the queue resumes.
             self.process_tx();
         }
@@ -587,13 +364,13 @@ impl Console {
     /// with what the device needs now.
     fn sync_interest(&mut self, ops: &mut EventOps) {
         let mut desired: Vec<(RawFd, EventSet)> = Vec::with_capacity(2);
-        if self.activated() && !self.rx_stalled && !self.input_closed {
-            if let Some(fd) = self.endpoint.input_fd() {
+        if self.activated() && !self.rx_stalled && !self.host.input_closed {
+            if let Some(fd) = self.host.endpoint.input_fd() {
                 desired.push((fd, EventSet::IN));
             }
         }
-        if self.has_pending_output() && !self.output_unpollable && !self.output_broken {
-            if let Some(fd) = self.endpoint.output_fd() {
+        if self.has_pending_output() && !self.output_unpollable && !self.host.output_broken {
+            if let Some(fd) = self.host.endpoint.output_fd() {
                 match desired.iter_mut().find(|(f, _)| *f == fd) {
                     Some(d) => d.1 |= EventSet::OUT,
                     None => desired.push((fd, EventSet::OUT)),
@@ -610,7 +387,7 @@ impl Console {
                 warn!("virtio-console: cannot stop watching fd {fd}: {e}");
             }
         }
-        self.closing.clear();
+        self.host.closing.clear();
 
         for (fd, set) in desired {
             match self.registered.iter_mut().find(|(f, _)| *f == fd) {
@@ -627,7 +404,7 @@ impl Console {
                         // Regular files and /dev/null cannot be polled.
                         if set.contains(EventSet::IN) {
                             info!("virtio-console: input cannot be watched ({e}); the guest gets no input");
-                            self.input_closed = true;
+                            self.host.input_closed = true;
                         }
                         if set.contains(EventSet::OUT) {
                             debug!("virtio-console: output cannot be watched ({e}); retrying on a timer");
@@ -638,8 +415,8 @@ impl Console {
             }
         }
 
-        let want_timer = self.endpoint.wants_reconnect()
-            || (self.output_unpollable && self.has_pending_output() && !self.output_broken);
+        let want_timer = self.host.endpoint.wants_reconnect()
+            || (self.output_unpollable && self.has_pending_output() && !self.host.output_broken);
         if want_timer && !self.timer_armed {
             match self
                 .timer
@@ -653,6 +430,67 @@ impl Console {
                 warn!("virtio-console: cannot disarm the retry timer: {e}");
             }
             self.timer_armed = false;
+        }
+    }
+}
+
+/// The transmit handler: moves one chain into `host`'s output buffer, at
+/// most [`CHUNK`] bytes at a time, writing each piece to the backend before
+/// taking the next. When the backend pushes back in the middle of a chain,
+/// the chain stays at the head of the queue and `offset` says where to
+/// resume; when it pushes back after the last piece, the chain is used (its
+/// bytes are in the host buffer) and draining stops there.
+fn take_output(
+    host: &mut Host,
+    offset: &mut usize,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Handled {
+    let mut reader = match chain.reader(mem) {
+        Ok(r) => r,
+        Err(e) => {
+            *offset = 0;
+            return Handled::Malformed(ChainError::Malformed(e));
+        }
+    };
+    let total = reader.available_bytes();
+    if total == 0 {
+        *offset = 0;
+        return Handled::Malformed(ChainError::NoReadable);
+    }
+    let start = (*offset).min(total);
+    let mut rest = if start == 0 {
+        reader
+    } else {
+        match reader.split_at(start) {
+            Ok(rest) => rest,
+            Err(e) => {
+                *offset = 0;
+                return Handled::Malformed(ChainError::Resume(e));
+            }
+        }
+    };
+    *offset = start;
+    loop {
+        let n = rest.available_bytes().min(CHUNK);
+        host.tx_buf.resize(n, 0);
+        host.tx_pos = 0;
+        if let Err(e) = rest.read_exact(&mut host.tx_buf) {
+            host.tx_buf.clear();
+            *offset = 0;
+            return Handled::Malformed(ChainError::Read(e));
+        }
+        *offset += n;
+        if *offset >= total {
+            *offset = 0;
+            return if host.flush_output() {
+                Handled::Used(0)
+            } else {
+                Handled::UsedAndStop(0)
+            };
+        }
+        if !host.flush_output() {
+            return Handled::Stop;
         }
     }
 }
@@ -686,7 +524,7 @@ impl VirtioDevice for Console {
     /// host, a scheduler time slice per buffer). Socket writes never block
     /// (the stream is non-blocking); stdout and files stay on the event loop.
     fn notified_in_vcpu(&self, index: usize) -> bool {
-        index == TRANSMITQ && self.endpoint.is_socket()
+        index == TRANSMITQ && self.host.endpoint.is_socket()
     }
 
     /// Only the transmit queue of a socket console comes here.
@@ -697,7 +535,7 @@ impl VirtioDevice for Console {
         // What is left for the event loop: output the socket would not take
         // (watch EPOLLOUT), a lost connection (close it, then reconnect), or
         // a queue found broken.
-        if self.has_pending_output() || !self.closing.is_empty() || !self.activated() {
+        if self.has_pending_output() || !self.host.closing.is_empty() || !self.activated() {
             let _ = self.queue_events[TRANSMITQ].write(1);
         }
     }
@@ -707,18 +545,8 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 2 {
-            return Err(ActivateError::Other(format!(
-                "virtio-console needs 2 queues, got {}",
-                ctx.queues.len()
-            )));
-        }
-        if let Some(i) = ctx.queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(i));
-        }
-        self.mem = Some(ctx.mem);
-        self.queues = ctx.queues;
-        self.broken = false;
+        self.state
+            .activate(ctx, &self.interrupt, "virtio-console", 2)?;
         self.rx_stalled = false;
         self.tx_chain_offset = 0;
         Ok(())
@@ -726,9 +554,7 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         // Guest output already taken stays pending and is still delivered.
-        self.queues.clear();
-        self.mem = None;
-        self.broken = false;
+        self.state.reset();
         self.rx_stalled = false;
         self.tx_chain_offset = 0;
     }
@@ -766,10 +592,10 @@ impl MutEventSubscriber for Console {
                 let set = events.event_set();
                 let fd = Some(events.fd());
                 let failed = set.intersects(EventSet::ERROR | EventSet::HANG_UP);
-                if (failed || set.contains(EventSet::OUT)) && fd == self.endpoint.output_fd() {
+                if (failed || set.contains(EventSet::OUT)) && fd == self.host.endpoint.output_fd() {
                     self.process_tx();
                 }
-                if (failed || set.contains(EventSet::IN)) && fd == self.endpoint.input_fd() {
+                if (failed || set.contains(EventSet::IN)) && fd == self.host.endpoint.input_fd() {
                     self.process_rx();
                 }
             }

@@ -6,18 +6,26 @@
 //! driver sets DRIVER_OK. Devices process their queues on the VMM's device
 //! event loop (each is an event-manager subscriber watching its queue
 //! eventfds and backend fds), never on a vCPU thread.
+//!
+//! What every device does alike lives here once: its state between
+//! DRIVER_OK and a reset ([`DeviceState`]), and the loop that takes chains
+//! off a queue ([`queue::drain`]: notification suppression, the per-event
+//! budget, completion, the interrupt and broken rings). A device only says
+//! what it does with one chain.
 
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod queue;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 
 use log::warn;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -111,6 +119,93 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     /// Features the driver accepted.
     pub acked_features: u64,
+}
+
+/// What a device holds from DRIVER_OK until the driver resets it.
+pub struct Activated {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues, ready, in index order.
+    pub queues: Vec<Queue>,
+    /// The device's interrupt (the same one the transport reads).
+    pub interrupt: Arc<Interrupt>,
+    /// The device's name in log lines.
+    pub name: String,
+    /// The driver broke a queue and the device asked for a reset
+    /// (DEVICE_NEEDS_RESET): nothing is processed until the driver resets
+    /// the device.
+    pub broken: bool,
+}
+
+impl Activated {
+    /// Marks the device broken after `why`, logged, and asks the driver for
+    /// a reset.
+    pub fn set_broken(&mut self, why: std::fmt::Arguments<'_>) {
+        warn!("{}: {why}; the device needs a reset", self.name);
+        self.broken = true;
+        self.interrupt.set_needs_reset();
+    }
+}
+
+/// A device's queue state: nothing before DRIVER_OK and after a reset,
+/// then what the driver handed over.
+#[derive(Default)]
+pub enum DeviceState {
+    /// Not activated, or reset since.
+    #[default]
+    Inactive,
+    /// Activated (and possibly broken since).
+    Activated(Activated),
+}
+
+impl DeviceState {
+    /// Activates with `ctx`, which must hold exactly `queues` ready queues
+    /// (the transport hands over as many as the device declares); `name`
+    /// is the device's name in log lines and errors.
+    pub fn activate(
+        &mut self,
+        ctx: ActivateContext,
+        interrupt: &Arc<Interrupt>,
+        name: &str,
+        queues: usize,
+    ) -> Result<(), ActivateError> {
+        if ctx.queues.len() != queues {
+            return Err(ActivateError::Other(format!(
+                "{name} needs {queues} queue{}, got {}",
+                if queues == 1 { "" } else { "s" },
+                ctx.queues.len()
+            )));
+        }
+        if let Some(i) = ctx.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+        *self = DeviceState::Activated(Activated {
+            mem: ctx.mem,
+            queues: ctx.queues,
+            interrupt: interrupt.clone(),
+            name: name.to_owned(),
+            broken: false,
+        });
+        Ok(())
+    }
+
+    /// Forgets the queues and memory (driver reset).
+    pub fn reset(&mut self) {
+        *self = DeviceState::Inactive;
+    }
+
+    /// The activated state, unless the device is inactive or broken.
+    pub fn running(&mut self) -> Option<&mut Activated> {
+        match self {
+            DeviceState::Activated(a) if !a.broken => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Whether queues are processed: activated and not broken.
+    pub fn is_running(&self) -> bool {
+        matches!(self, DeviceState::Activated(a) if !a.broken)
+    }
 }
 
 /// Why a device refused to start.

@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{error, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::queue::{drain, ChainError, Handled};
 use super::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_VERSION_1,
 };
 
@@ -47,8 +46,7 @@ pub struct Rng {
     source: File,
     interrupt: Arc<Interrupt>,
     queue_events: Vec<EventFd>,
-    mem: Option<GuestMemoryMmap>,
-    queue: Option<Queue>,
+    state: DeviceState,
     buf: Vec<u8>,
 }
 
@@ -61,8 +59,7 @@ impl Rng {
             source,
             interrupt: Arc::new(Interrupt::new(interrupt_evt)),
             queue_events: vec![queue_evt],
-            mem: None,
-            queue: None,
+            state: DeviceState::Inactive,
             buf: Vec::new(),
         })
     }
@@ -70,67 +67,22 @@ impl Rng {
     /// Serves every available request, then signals the guest if it asked
     /// for it.
     fn process_queue(&mut self) {
-        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queue.as_mut()) else {
+        let Some(active) = self.state.running() else {
             return;
         };
-        let mut used_any = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn!("virtio-rng: cannot disable notifications: {e}");
+        let (source, buf) = (&mut self.source, &mut self.buf);
+        // No chain budget: each chain costs at most MAX_BYTES_PER_CHAIN.
+        drain(active, 0, None, |mem, chain| {
+            let mut writer = match chain.writer(mem) {
+                Ok(writer) => writer,
+                Err(e) => return Handled::Malformed(ChainError::Malformed(e)),
+            };
+            let n = writer.available_bytes().min(MAX_BYTES_PER_CHAIN);
+            if n == 0 {
+                return Handled::Malformed(ChainError::NoWritable);
             }
-            loop {
-                let chain = match queue.iter(mem).map(|mut it| it.next()) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        // An avail index the queue cannot hold: the driver is
-                        // broken. Stop until it resets the device.
-                        error!("virtio-rng: queue is broken ({e}); device needs reset");
-                        self.queue = None;
-                        self.interrupt.set_needs_reset();
-                        return;
-                    }
-                };
-                let head = chain.head_index();
-                let len = match chain.writer(mem) {
-                    Ok(mut writer) => {
-                        let n = writer.available_bytes().min(MAX_BYTES_PER_CHAIN);
-                        if n == 0 {
-                            warn!("virtio-rng: request {head} has no device-writable buffer");
-                            0
-                        } else {
-                            fill(&mut self.source, &mut self.buf, &mut writer, n)
-                        }
-                    }
-                    Err(e) => {
-                        warn!("virtio-rng: request {head} is malformed ({e}), completed empty");
-                        0
-                    }
-                };
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    error!("virtio-rng: cannot complete request {head}: {e}");
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("virtio-rng: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if used_any {
-            match queue.needs_notification(mem) {
-                Ok(false) => {}
-                Ok(true) => self.interrupt.signal_used(),
-                Err(e) => {
-                    warn!("virtio-rng: cannot read used_event ({e}); signalling anyway");
-                    self.interrupt.signal_used();
-                }
-            }
-        }
+            Handled::Used(fill(source, buf, &mut writer, n))
+        });
     }
 }
 
@@ -179,20 +131,11 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let Some(queue) = ctx.queues.into_iter().next() else {
-            return Err(ActivateError::Other("virtio-rng needs one queue".into()));
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        self.mem = Some(ctx.mem);
-        self.queue = Some(queue);
-        Ok(())
+        self.state.activate(ctx, &self.interrupt, "virtio-rng", 1)
     }
 
     fn reset(&mut self) {
-        self.queue = None;
-        self.mem = None;
+        self.state.reset();
     }
 }
 
@@ -224,6 +167,7 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
 
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
 
     use crate::virtio::test_utils::{

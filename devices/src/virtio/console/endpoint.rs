@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use super::{ConsoleBackend, ConsoleError, RECONNECT_INTERVAL};
 
@@ -207,4 +207,91 @@ fn connect(path: &Path) -> io::Result<UnixStream> {
     let stream = UnixStream::connect(path)?;
     stream.set_nonblocking(true)?;
     Ok(stream)
+}
+
+/// Which side of the backend failed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direction {
+    Input,
+    Output,
+}
+
+/// The backend, with what the device knows about it: guest output it has
+/// not taken yet, and which sides are gone for good.
+pub(super) struct Host {
+    pub(super) endpoint: Endpoint,
+    /// Guest output not yet written to the backend, from `tx_pos` on (at
+    /// most [`super::CHUNK`] bytes).
+    pub(super) tx_buf: Vec<u8>,
+    pub(super) tx_pos: usize,
+    /// No (more) input: end of file, or an fd epoll cannot watch.
+    pub(super) input_closed: bool,
+    /// A stdio or file output failed for good: guest output is discarded.
+    pub(super) output_broken: bool,
+    /// Lost connections, closed once out of the event loop.
+    pub(super) closing: Vec<UnixStream>,
+}
+
+impl Host {
+    pub(super) fn new(endpoint: Endpoint) -> Host {
+        Host {
+            endpoint,
+            tx_buf: Vec::new(),
+            tx_pos: 0,
+            input_closed: false,
+            output_broken: false,
+            closing: Vec::new(),
+        }
+    }
+
+    pub(super) fn has_pending_output(&self) -> bool {
+        self.tx_pos < self.tx_buf.len()
+    }
+
+    /// Reacts to a failed or closed backend.
+    pub(super) fn failed(&mut self, dir: Direction, e: io::Error) {
+        if self.endpoint.is_socket() {
+            if let Some(s) = self.endpoint.disconnect(&e) {
+                // Closed by sync_interest, after it leaves the event loop.
+                self.closing.push(s);
+            }
+            return;
+        }
+        match dir {
+            Direction::Input => {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    info!("virtio-console: input reached end of file");
+                } else {
+                    warn!("virtio-console: reading input failed ({e}); no more input");
+                }
+                self.input_closed = true;
+            }
+            Direction::Output => {
+                error!("virtio-console: writing output failed ({e}); guest output is discarded from now on");
+                self.output_broken = true;
+            }
+        }
+    }
+
+    /// Writes pending guest output. True when nothing is left pending.
+    pub(super) fn flush_output(&mut self) -> bool {
+        while self.has_pending_output() {
+            if self.output_broken {
+                break;
+            }
+            if !self.endpoint.connected() {
+                return false;
+            }
+            match self.endpoint.write(&self.tx_buf[self.tx_pos..]) {
+                Ok(0) => self.failed(Direction::Output, io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.tx_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => self.failed(Direction::Output, e),
+            }
+        }
+        self.tx_buf.clear();
+        self.tx_pos = 0;
+        true
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -158,7 +158,7 @@ impl Dev {
     }
 
     fn connected(&self) -> bool {
-        self.lock().endpoint.connected()
+        self.lock().host.endpoint.connected()
     }
 
     fn watched(&self) -> Vec<(RawFd, EventSet)> {

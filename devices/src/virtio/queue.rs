@@ -1,0 +1,354 @@
+//! The one loop that takes descriptor chains off a virtqueue: every device
+//! (block, rng, console transmit and receive) serves its queues through
+//! [`drain`], with a handler that says what it did with each chain.
+//!
+//! The loop owns what all devices must get right the same way:
+//! * notification suppression: notifications are disabled while chains are
+//!   taken and enabled again only when the ring looks empty, and then the
+//!   ring is read once more, so that a chain the driver published in
+//!   between is never missed;
+//! * completion: each chain the handler finished goes to the used ring with
+//!   the length it reports, and a malformed chain is logged and completed
+//!   empty, so the driver gets every buffer back;
+//! * the interrupt: raised once per drain, after the last chain, and only
+//!   when the driver asked for it (EVENT_IDX);
+//! * a broken ring: any error from the ring itself (an available index or a
+//!   head the queue cannot hold, rings outside guest memory) is the
+//!   driver's fault and cannot be skipped over, so the device is marked
+//!   broken, asks for a reset (DEVICE_NEEDS_RESET) and takes nothing more
+//!   until the driver resets it: no panic and no spinning on a bad index;
+//! * a budget: at most a given number of chains per drain, so that one busy
+//!   queue cannot starve the other devices on the event loop.
+//!
+//! What stays with the device is what differs: how a chain is read or
+//! written, and when to stop early because the backend cannot take or give
+//! more (the console's flow control), in which case the chain is left at the
+//! head of the queue for the next drain.
+
+use log::warn;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::Activated;
+
+/// A chain the device cannot serve, through the driver's fault; it is
+/// logged and completed with nothing written.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// A descriptor lies outside guest memory, or the chain is malformed
+    /// (a loop, a bad indirect table, too long).
+    #[error("is malformed ({0})")]
+    Malformed(virtio_queue::Error),
+    /// A transmit-like chain without a byte the device may read.
+    #[error("has no device-readable buffer")]
+    NoReadable,
+    /// A receive-like chain without a byte the device may write.
+    #[error("has no device-writable buffer")]
+    NoWritable,
+    /// A chain taken in pieces cannot be resumed where it was left (the
+    /// driver changed it in the meantime).
+    #[error("cannot be resumed ({0})")]
+    Resume(virtio_queue::Error),
+    /// The guest memory behind the chain could not be read.
+    #[error("cannot be read ({0})")]
+    Read(std::io::Error),
+}
+
+/// What a handler did with one chain.
+#[derive(Debug)]
+pub enum Handled {
+    /// Done: the chain goes to the used ring with this many bytes written
+    /// to the guest, and draining goes on.
+    Used(u32),
+    /// Done, as [`Handled::Used`], but draining ends here: the backend has
+    /// nothing more to give or take for now.
+    UsedAndStop(u32),
+    /// Not done: the chain stays at the head of the queue, to be offered
+    /// again on the next drain, and draining ends here. The handler keeps
+    /// whatever it needs to resume the chain.
+    Stop,
+    /// The chain is the driver's mistake: it is logged and completed with
+    /// length 0, and draining goes on.
+    Malformed(ChainError),
+}
+
+/// Why a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// The available ring is empty and notifications are enabled: the
+    /// driver's next notification means new chains.
+    Empty,
+    /// The handler stopped ([`Handled::Stop`] or [`Handled::UsedAndStop`]).
+    /// Chains may be left and notifications stay disabled: the device
+    /// resumes on its own event (room on the backend, input).
+    Stopped,
+    /// The budget was spent with chains possibly left; notifications stay
+    /// disabled, so the caller must come back on its own (re-arm its queue
+    /// event).
+    Budget,
+    /// The device is broken (now or before): nothing was or will be taken
+    /// until the driver resets it.
+    Broken,
+}
+
+/// Takes chains off queue `index` of `active` and hands each to `handle`
+/// with guest memory, until the ring is empty, the handler stops, or
+/// `budget` chains (when given) were handled; completes them as the handler
+/// says, then signals the driver if it wants to hear about it. See the
+/// module documentation for the rules. Returns why it ended.
+pub fn drain<F>(active: &mut Activated, index: usize, budget: Option<usize>, handle: F) -> Drained
+where
+    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> Handled,
+{
+    if active.broken {
+        return Drained::Broken;
+    }
+    let (used, result) = take_chains(active, index, budget, handle);
+    if used > 0 {
+        let queue = &mut active.queues[index];
+        match queue.needs_notification(&active.mem) {
+            Ok(false) => {}
+            Ok(true) => active.interrupt.signal_used(),
+            Err(e) => {
+                warn!(
+                    "{}: cannot read the used event index of queue {index}: {e}; signalling anyway",
+                    active.name
+                );
+                active.interrupt.signal_used();
+            }
+        }
+    }
+    match result {
+        Ok(drained) => drained,
+        Err(why) => {
+            active.set_broken(format_args!("queue {index}: {why}"));
+            Drained::Broken
+        }
+    }
+}
+
+/// The loop of [`drain`]: returns how many chains went to the used ring,
+/// and why it ended or what broke the queue.
+fn take_chains<F>(
+    active: &mut Activated,
+    index: usize,
+    budget: Option<usize>,
+    mut handle: F,
+) -> (usize, Result<Drained, String>)
+where
+    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> Handled,
+{
+    let mem = &active.mem;
+    let name = &active.name;
+    let Some(queue) = active.queues.get_mut(index) else {
+        return (0, Err(format!("the device has no queue {index}")));
+    };
+    let mut used = 0usize;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            return (used, Err(format!("cannot disable notifications: {e}")));
+        }
+        loop {
+            if budget.is_some_and(|b| used >= b) {
+                return (used, Ok(Drained::Budget));
+            }
+            let chain = match queue.iter(mem) {
+                Ok(mut avail) => avail.next(),
+                Err(e) => return (used, Err(format!("invalid available ring: {e}"))),
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            let (len, stop) = match handle(mem, chain) {
+                Handled::Used(len) => (len, false),
+                Handled::UsedAndStop(len) => (len, true),
+                Handled::Stop => {
+                    queue.go_to_previous_position();
+                    return (used, Ok(Drained::Stopped));
+                }
+                Handled::Malformed(e) => {
+                    warn!("{name}: descriptor chain {head} of queue {index} {e}; completed empty");
+                    (0, false)
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                return (
+                    used,
+                    Err(format!("cannot complete descriptor chain {head}: {e}")),
+                );
+            }
+            used += 1;
+            if stop {
+                return (used, Ok(Drained::Stopped));
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => return (used, Ok(Drained::Empty)),
+            Err(e) => return (used, Err(format!("cannot enable notifications: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::virtio::test_utils::{mem, TestQueue, R, W};
+    use crate::virtio::{ActivateContext, DeviceState, Interrupt};
+
+    fn activated(q: &TestQueue, mem: &GuestMemoryMmap) -> Activated {
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut state = DeviceState::Inactive;
+        let ctx = ActivateContext {
+            mem: mem.clone(),
+            queues: vec![q.queue()],
+            acked_features: 0,
+        };
+        state.activate(ctx, &interrupt, "test", 1).unwrap();
+        match state {
+            DeviceState::Activated(a) => a,
+            DeviceState::Inactive => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn every_chain_is_used_with_the_length_the_handler_gives() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        for i in 0..3u64 {
+            q.add_chain(&[(0x10_000 + i * 0x1000, 16, W)]);
+        }
+        let mut lens = [5u32, 0, 16].into_iter();
+        let drained = drain(&mut a, 0, None, |_, _| Handled::Used(lens.next().unwrap()));
+        assert_eq!(drained, Drained::Empty);
+        assert_eq!(q.used(), vec![(0, 5), (1, 0), (2, 16)]);
+        assert_eq!(a.interrupt.eventfd().read().unwrap(), 1, "one interrupt");
+    }
+
+    #[test]
+    fn a_chain_published_during_the_drain_is_taken_too() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        q.add_chain(&[(0x10_000, 16, W)]);
+        let q2 = &mut q;
+        let mut first = true;
+        let drained = drain(&mut a, 0, None, |_, _| {
+            if first {
+                // The driver adds one while the device works.
+                q2.add_chain(&[(0x11_000, 16, W)]);
+                first = false;
+            }
+            Handled::Used(1)
+        });
+        assert_eq!(drained, Drained::Empty);
+        assert_eq!(q.used(), vec![(0, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn the_budget_ends_a_drain_and_says_so() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        for _ in 0..3 {
+            q.add_chain(&[(0x10_000, 16, R)]);
+        }
+        assert_eq!(
+            drain(&mut a, 0, Some(2), |_, _| Handled::Used(0)),
+            Drained::Budget
+        );
+        assert_eq!(q.used_idx(), 2);
+        assert_eq!(
+            drain(&mut a, 0, Some(2), |_, _| Handled::Used(0)),
+            Drained::Empty
+        );
+        assert_eq!(q.used_idx(), 3);
+    }
+
+    #[test]
+    fn a_stopped_chain_stays_at_the_head_of_the_queue() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        q.add_chain(&[(0x10_000, 16, R)]);
+        q.add_chain(&[(0x11_000, 16, R)]);
+        assert_eq!(
+            drain(&mut a, 0, None, |_, _| Handled::Stop),
+            Drained::Stopped
+        );
+        assert_eq!(q.used_idx(), 0);
+        assert!(a.interrupt.eventfd().read().is_err(), "nothing to signal");
+        // Used, then stop: the second chain waits.
+        assert_eq!(
+            drain(&mut a, 0, None, |_, _| Handled::UsedAndStop(3)),
+            Drained::Stopped
+        );
+        assert_eq!(q.used(), vec![(0, 3)]);
+        let mut heads = Vec::new();
+        drain(&mut a, 0, None, |_, chain| {
+            heads.push(chain.head_index());
+            Handled::Used(0)
+        });
+        assert_eq!(heads, vec![1]);
+    }
+
+    #[test]
+    fn malformed_chains_are_completed_empty() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        q.add_chain(&[(0x10_000, 16, R)]);
+        q.add_chain(&[(0x11_000, 16, W)]);
+        drain(&mut a, 0, None, |_, chain| {
+            if chain.head_index() == 0 {
+                Handled::Malformed(ChainError::NoWritable)
+            } else {
+                Handled::Used(16)
+            }
+        });
+        assert_eq!(q.used(), vec![(0, 0), (1, 16)]);
+        assert!(!a.broken);
+    }
+
+    #[test]
+    fn a_broken_ring_needs_a_reset_and_is_left_alone() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        q.add_chain(&[(0x10_000, 16, R)]);
+        // A head the queue cannot hold, after a good chain.
+        q.publish(16 + 5);
+        let mut calls = 0;
+        let drained = drain(&mut a, 0, None, |_, _| {
+            calls += 1;
+            Handled::Used(0)
+        });
+        assert_eq!(drained, Drained::Broken);
+        assert!(a.broken && a.interrupt.needs_reset());
+        // The good chain was used and signalled.
+        assert_eq!(q.used(), vec![(0, 0)]);
+        assert_ne!(a.interrupt.status() & crate::virtio::INT_VRING, 0);
+        // Nothing more is taken until a reset.
+        q.add_chain(&[(0x10_000, 16, R)]);
+        assert_eq!(
+            drain(&mut a, 0, None, |_, _| Handled::Used(0)),
+            Drained::Broken
+        );
+        assert_eq!(calls, 2);
+        // An available index beyond the queue size breaks it as well.
+        let mut q = TestQueue::new(&m, 0x8000, 16);
+        let mut a = activated(&q, &m);
+        q.set_avail_idx(17);
+        assert_eq!(
+            drain(&mut a, 0, None, |_, _| Handled::Used(0)),
+            Drained::Broken
+        );
+        assert!(a.interrupt.needs_reset());
+    }
+}

@@ -1,8 +1,14 @@
 //! The embedded interpreter: a `_skiff` module with the Rust side of each
-//! machine and the logger, and `driver.py`, which builds the NixOS test API
-//! on them and runs the script.
+//! machine and the logger, and the `test_driver` package, which builds the
+//! NixOS test API on them and runs the script.
+//!
+//! The package's sources are compiled in (one `include_str!` per module,
+//! listed in [`PACKAGE`]) and served to the interpreter by a meta-path
+//! finder, so `import test_driver.machine` works from a test script as it
+//! does upstream, tracebacks show the package's source lines, and nothing
+//! is read from disk at run time.
 
-use std::ffi::CString;
+use std::ffi::CStr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -215,7 +221,107 @@ fn skiff_module(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     Ok(m)
 }
 
-const DRIVER_PY: &str = include_str!("driver.py");
+/// The `test_driver` package: (module, file name, source, is a package).
+/// Every `.py` file under `test_driver/` is listed; a unit test checks it.
+const PACKAGE: &[(&str, &str, &str, bool)] = &[
+    (
+        "test_driver",
+        "test_driver/__init__.py",
+        include_str!("test_driver/__init__.py"),
+        true,
+    ),
+    (
+        "test_driver.errors",
+        "test_driver/errors.py",
+        include_str!("test_driver/errors.py"),
+        false,
+    ),
+    (
+        "test_driver.logger",
+        "test_driver/logger.py",
+        include_str!("test_driver/logger.py"),
+        false,
+    ),
+    (
+        "test_driver.qmp",
+        "test_driver/qmp.py",
+        include_str!("test_driver/qmp.py"),
+        false,
+    ),
+    (
+        "test_driver.machine",
+        "test_driver/machine.py",
+        include_str!("test_driver/machine.py"),
+        false,
+    ),
+    (
+        "test_driver.polling_condition",
+        "test_driver/polling_condition.py",
+        include_str!("test_driver/polling_condition.py"),
+        false,
+    ),
+    (
+        "test_driver.driver",
+        "test_driver/driver.py",
+        include_str!("test_driver/driver.py"),
+        false,
+    ),
+];
+
+/// Installs the finder that serves [`PACKAGE`]. The file names are not
+/// `<...>`, so that `linecache` asks the loader for source lines.
+const FINDER_PY: &CStr = c"
+import importlib.abc
+import importlib.util
+import sys
+
+
+class CompiledInFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
+    def __init__(self, modules):
+        # name -> (file name, source, is a package)
+        self.modules = modules
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.modules:
+            return None
+        filename, _, is_package = self.modules[name]
+        spec = importlib.util.spec_from_loader(
+            name, self, origin=filename, is_package=is_package
+        )
+        # Sets __file__, which tracebacks and scripts may look at.
+        spec.has_location = True
+        return spec
+
+    def is_package(self, name):
+        return self.modules[name][2]
+
+    def get_source(self, name):
+        return self.modules[name][1]
+
+    def get_code(self, name):
+        filename, source, _ = self.modules[name]
+        return compile(source, filename, 'exec', dont_inherit=True)
+
+
+def install(modules):
+    sys.meta_path.insert(0, CompiledInFinder(modules))
+";
+
+/// Makes the compiled-in `test_driver` package importable (once per
+/// interpreter).
+fn install_package(py: Python<'_>) -> PyResult<()> {
+    let sys = py.import("sys")?;
+    if sys.getattr("modules")?.contains("_skiff_finder")? {
+        return Ok(());
+    }
+    let finder = PyModule::from_code(py, FINDER_PY, c"_skiff_finder.py", c"_skiff_finder")?;
+    let modules = PyDict::new(py);
+    for (name, file, source, is_package) in PACKAGE {
+        modules.set_item(name, (file, source, is_package))?;
+    }
+    finder.getattr("install")?.call1((modules,))?;
+    Ok(())
+}
 
 /// Where a script's syntax is wrong.
 #[derive(Debug)]
@@ -274,8 +380,8 @@ pub struct RunSpec<'a> {
 pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
     Python::attach(|py| -> anyhow::Result<i32> {
         skiff_module(py)?;
-        let code = CString::new(DRIVER_PY)?;
-        let module = PyModule::from_code(py, &code, c"skiff_driver.py", c"skiff_driver")?;
+        install_package(py)?;
+        let module = py.import("test_driver.driver")?;
         let cores: Vec<Py<VmCore>> = spec
             .machines
             .into_iter()
@@ -298,4 +404,53 @@ pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
             })?;
         Ok(status.extract()?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every module of the package is compiled in, and nothing else.
+    #[test]
+    fn package_lists_every_module() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python/test_driver");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .expect("read test_driver/")
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                name.ends_with(".py").then(|| format!("test_driver/{name}"))
+            })
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = PACKAGE.iter().map(|(_, f, _, _)| f.to_string()).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed);
+        for (name, file, _, is_package) in PACKAGE {
+            let expected = if *is_package {
+                format!("{}/__init__.py", name.replace('.', "/"))
+            } else {
+                format!("{}.py", name.replace('.', "/"))
+            };
+            assert_eq!(*file, expected);
+        }
+    }
+
+    /// The embedded interpreter imports every module of the package from
+    /// the compiled-in sources.
+    #[test]
+    fn package_imports_in_the_embedded_interpreter() {
+        Python::attach(|py| {
+            skiff_module(py).unwrap();
+            install_package(py).unwrap();
+            for (name, file, _, _) in PACKAGE {
+                let m = py
+                    .import(*name)
+                    .unwrap_or_else(|e| panic!("import {name}: {e}"));
+                let f: String = m.getattr("__file__").unwrap().extract().unwrap();
+                assert_eq!(f, *file);
+            }
+            let driver = py.import("test_driver.driver").unwrap();
+            assert!(driver.hasattr("main").unwrap());
+        })
+    }
 }

@@ -18,7 +18,6 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -45,7 +44,7 @@ use crate::cpu;
 use crate::device_manager::{self, DeviceManager, LegacyDevices, VirtioHandle};
 use crate::error::{setup_err, VmError};
 use crate::event_loop::SerialInput;
-use crate::exit::{ExitReason, MainEvent};
+use crate::exit::ExitReason;
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{self, GuestRam};
 use crate::vm::{MainChannel, Vm};
@@ -84,7 +83,7 @@ impl Vm {
         let kvm = open_kvm(&config.kvm_device)?;
         let vm = create_vm(&kvm)?;
         register_memory(&vm, &mem)?;
-        let main = MainChannel::new();
+        let main = MainChannel::new().map_err(setup_err("the main thread's channel"))?;
         let legacy = attach_legacy_devices(&vm, &config, &main)?;
         let virtio = attach_virtio_devices(&vm, &mem, virtio)?;
         write_boot_data(&mem, &config, &images, &virtio.manager)?;
@@ -374,23 +373,28 @@ fn attach_legacy_devices(
                 GuestPowerEvent::Panic => ExitReason::Panic,
             };
             stopping.store(true, Ordering::SeqCst);
-            let _ = tx.send(reason.into());
+            let _ = tx.send(reason);
         })
     };
-    let output = serial_output(&config.serial, main.output_due.clone(), main.sender())?;
+    let held = main
+        .output_held
+        .try_clone()
+        .map_err(setup_err("the serial output eventfd"))?;
+    let output = serial_output(&config.serial, main.output_due.clone(), held)?;
     Ok(device_manager::attach_legacy(vm, output, power)?)
 }
 
 /// Where the serial port's output goes. Output it holds back (an
-/// unfinished line) makes it ask the main thread, once, for a flush.
+/// unfinished line) makes it ask, once, for a flush: it sets `due` and
+/// writes `held`, which the event loop's `PendingOutput` watches.
 fn serial_output(
     config: &SerialConfig,
     due: Arc<AtomicBool>,
-    events: Sender<MainEvent>,
+    held: EventFd,
 ) -> Result<SerialOutput, VmError> {
     let notify = move || {
         if !due.swap(true, Ordering::SeqCst) {
-            let _ = events.send(MainEvent::OutputHeld);
+            let _ = held.write(1);
         }
     };
     Ok(match config {

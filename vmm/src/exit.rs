@@ -1,7 +1,7 @@
 //! How a VM ends: the reasons ([`ExitReason`]), the process exit statuses
 //! they map to ([`ExitStatus`], skiff-vmm's contract with whoever runs it:
 //! `--help`, the README table and the test driver's messages all come from
-//! [`ExitStatus::meaning`]), and the events that wake the main thread.
+//! [`ExitStatus::meaning`]).
 //!
 //! This module depends on nothing else in the crate, so the control plane,
 //! the vCPU threads and the builder can all name an exit without reaching
@@ -130,21 +130,6 @@ impl ExitStatus {
             out.push('\n');
         }
         out
-    }
-}
-
-/// What wakes the main thread.
-pub(crate) enum MainEvent {
-    /// The VM ends.
-    Exit(ExitReason),
-    /// The serial port started holding back an unfinished line: write it
-    /// out soon unless the line ends first.
-    OutputHeld,
-}
-
-impl From<ExitReason> for MainEvent {
-    fn from(reason: ExitReason) -> Self {
-        MainEvent::Exit(reason)
     }
 }
 

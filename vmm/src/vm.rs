@@ -1,28 +1,29 @@
 //! A built VM and its main loop. [`Vm::new`] (in `builder.rs`) builds it;
 //! [`Vm::run`] starts the threads and waits for the VM to end:
 //!
-//! - `devices`: the event loop (`event_loop.rs`) running every virtio
-//!   device's queues and the serial port's input;
-//! - `signals`: turns SIGTERM/SIGINT into an exit;
-//! - the monitor thread (`control/server.rs`, a tokio runtime of its own);
+//! - `devices`: the event loop (`event_loop.rs`): every virtio device's
+//!   queues, the serial port's input, held serial output and the
+//!   coalesced ring's safety net (timerfds), SIGTERM/SIGINT;
+//! - `monitors`: the QMP/HMP sockets (`control/server.rs`, on a tokio
+//!   runtime of its own, kept apart from the device loop so that a slow
+//!   monitor client never delays a device);
 //! - `vcpuN`: the vCPU run loops (`cpu/vcpu.rs`);
-//! - the main thread, here: waits on [`MainChannel`] for the exit, and in
-//!   the meantime flushes held serial output and replays writes KVM queued
-//!   in the coalesced ring that no exit followed.
+//! - the main thread, here: waits on [`MainChannel`] for the VM's end,
+//!   then shuts down.
 
 use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, IoEventAddress, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use skiff_devices::legacy::{Ged, Serial};
 use skiff_devices::EventFdTrigger;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::Bus;
 use crate::config::VmConfig;
@@ -32,37 +33,42 @@ use crate::cpu::coalesced::CoalescedRing;
 use crate::cpu::pause::{self, RunMapping, VcpuManager};
 use crate::cpu::vcpu::{replay, VcpuContext};
 use crate::error::{setup_err, VmError};
-use crate::event_loop::{self, SerialInput};
-use crate::exit::{ExitReason, MainEvent};
+use crate::event_loop::{self, PendingOutput, SerialInput, SignalSource};
+use crate::exit::ExitReason;
 use crate::layout::SERIAL_PORT;
 use crate::memory::GuestRam;
 use crate::stats::{self, ExitCounts};
 use crate::sync::lock;
 
-/// The main thread's inbox, and the flags its senders share.
+/// How the VM's end reaches the main thread, and the flags the threads
+/// share about it.
 pub(crate) struct MainChannel {
-    tx: Sender<MainEvent>,
-    rx: Receiver<MainEvent>,
+    tx: Sender<ExitReason>,
+    rx: Receiver<ExitReason>,
     /// Set once the VM is ending: vCPUs stop entering the guest.
     pub(crate) stopping: Arc<AtomicBool>,
-    /// Set while a flush of held serial output is due (one wake-up of the
-    /// main thread per [`OUTPUT_INTERVAL`] at most, none while quiet).
+    /// Set while a flush of held serial output is due (so a vCPU thread
+    /// writes `output_held` once per flush, not once per byte).
     pub(crate) output_due: Arc<AtomicBool>,
+    /// Written when the serial port starts holding output back; the event
+    /// loop's [`PendingOutput`] flushes it soon after.
+    pub(crate) output_held: EventFd,
 }
 
 impl MainChannel {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new() -> std::io::Result<Self> {
         let (tx, rx) = channel();
-        MainChannel {
+        Ok(MainChannel {
             tx,
             rx,
             stopping: Arc::new(AtomicBool::new(false)),
             output_due: Arc::new(AtomicBool::new(false)),
-        }
+            output_held: EventFd::new(EFD_NONBLOCK)?,
+        })
     }
 
     /// A sender for another thread.
-    pub(crate) fn sender(&self) -> Sender<MainEvent> {
+    pub(crate) fn sender(&self) -> Sender<ExitReason> {
         self.tx.clone()
     }
 }
@@ -116,29 +122,6 @@ impl Vm {
     /// Runs the VM until it stops; returns why. The vCPU threads are left
     /// parked or running: the caller is expected to exit the process.
     pub fn run(mut self) -> Result<ExitReason, VmError> {
-        let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> =
-            Vec::new();
-        if let Some(input) = self.serial_input.take() {
-            subscribers.push(input);
-        }
-        subscribers.append(&mut self.device_subscribers);
-        event_loop::spawn(subscribers).map_err(setup_err("the device thread"))?;
-
-        let signals_tx = self.main.sender();
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ])
-        .map_err(setup_err("signal handling"))?;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    let _ = signals_tx.send(ExitReason::Signal(sig).into());
-                }
-            })
-            .map_err(setup_err("the signal thread"))?;
-
         info!(
             "booting {} with {} vCPU(s), {} MiB",
             self.config.kernel.display(),
@@ -147,6 +130,33 @@ impl Vm {
         );
         pause::install_kick_handler().map_err(setup_err("the vCPU kick signal"))?;
         let coalesced = self.coalesce_serial_output();
+
+        let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> =
+            Vec::new();
+        if let Some(input) = self.serial_input.take() {
+            subscribers.push(input);
+        }
+        let held = self
+            .main
+            .output_held
+            .try_clone()
+            .map_err(setup_err("the serial output eventfd"))?;
+        subscribers.push(Arc::new(Mutex::new(
+            PendingOutput::new(
+                self.serial.clone(),
+                coalesced.clone(),
+                self.pio.clone(),
+                self.mmio.clone(),
+                held,
+                self.main.output_due.clone(),
+            )
+            .map_err(setup_err("the serial output timers"))?,
+        )));
+        subscribers.push(Arc::new(Mutex::new(
+            SignalSource::new(self.main.sender()).map_err(setup_err("signal handling"))?,
+        )));
+        subscribers.append(&mut self.device_subscribers);
+        event_loop::spawn(subscribers).map_err(setup_err("the device thread"))?;
         let vcpus = Arc::new(VcpuManager::new(self.vm.clone(), self.vcpus.len()));
         let exits = Arc::new(ExitCounts::default());
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
@@ -182,7 +192,7 @@ impl Vm {
                 }
             }),
             Box::new(move |reason| {
-                let _ = lock(&exit_tx).send(reason.into());
+                let _ = lock(&exit_tx).send(reason);
             }),
         ));
         let monitors = std::mem::take(&mut self.monitors);
@@ -195,59 +205,12 @@ impl Vm {
             )
         };
 
-        let gone = || VmError::Setup {
+        // Everything else happens on other threads; this one waits for the
+        // end.
+        let reason = self.main.rx.recv().map_err(|_| VmError::Setup {
             what: "the VM event channel",
             detail: "all senders are gone".into(),
-        };
-        // The main thread wakes only when there is something to do:
-        // - held serial output (a prompt) is written out OUTPUT_INTERVAL
-        //   after the serial port says it holds some;
-        // - writes the guest queued in the coalesced ring and never
-        //   followed with another exit (a guest's own exits replay the ring
-        //   first) reach their device on a safety-net tick, every
-        //   OUTPUT_INTERVAL while it finds writes there, backing off to
-        //   QUEUE_CHECK_MAX while it finds none.
-        let mut flush_at: Option<Instant> = None;
-        let mut check_every = OUTPUT_INTERVAL;
-        let mut check_at = Instant::now() + check_every;
-        let reason = loop {
-            let wake = flush_at.map_or(check_at, |f| f.min(check_at));
-            match self
-                .main
-                .rx
-                .recv_timeout(wake.saturating_duration_since(Instant::now()))
-            {
-                Ok(MainEvent::Exit(reason)) => break reason,
-                Ok(MainEvent::OutputHeld) => {
-                    flush_at.get_or_insert_with(|| Instant::now() + OUTPUT_INTERVAL);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let now = Instant::now();
-                    let flush = flush_at.is_some_and(|f| f <= now);
-                    if flush {
-                        flush_at = None;
-                        // Cleared first: output held from here on asks again.
-                        self.main.output_due.store(false, Ordering::SeqCst);
-                    }
-                    // One replay serves both: queued writes reach the UART
-                    // before its held output is written out.
-                    let found = coalesced
-                        .as_ref()
-                        .map_or(0, |ring| replay(ring, &self.pio, &self.mmio));
-                    if flush {
-                        let _ = lock(&self.serial).flush();
-                    }
-                    if found > 0 {
-                        check_every = OUTPUT_INTERVAL;
-                        check_at = now + check_every;
-                    } else if check_at <= now {
-                        check_every = (check_every * 2).min(QUEUE_CHECK_MAX);
-                        check_at = now + check_every;
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err(gone()),
-            }
-        };
+        })?;
         self.main.stopping.store(true, Ordering::SeqCst);
         control.exiting(&reason);
         if let Some(server) = server {
@@ -270,14 +233,6 @@ impl Vm {
         Ok(reason)
     }
 }
-
-/// How long held serial output waits for the rest of its line, and how
-/// often the main thread looks for queued writes while it finds some.
-const OUTPUT_INTERVAL: Duration = Duration::from_millis(20);
-
-/// The longest the main thread leaves KVM's coalesced write queue
-/// unchecked while the guest is quiet.
-const QUEUE_CHECK_MAX: Duration = Duration::from_millis(640);
 
 /// How long monitor clients get to receive their last replies and events
 /// when the VM ends.

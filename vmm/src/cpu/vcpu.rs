@@ -1,7 +1,7 @@
 //! A vCPU thread's run loop: `KVM_RUN`, the exit taxonomy (port and MMIO
 //! accesses to the buses, system events, crashes), and the pause
 //! checkpoint of [`super::pause`] between runs. The thread reports how the
-//! VM ends to the main thread as a [`MainEvent`] and then parks forever:
+//! VM ends to the main thread as an [`ExitReason`] and then parks forever:
 //! the process exits under it.
 //!
 //! Writes KVM queued in the coalesced ring ([`super::coalesced`]) are
@@ -19,7 +19,7 @@ use log::debug;
 use super::coalesced::CoalescedRing;
 use super::pause::VcpuManager;
 use crate::bus::Bus;
-use crate::exit::{ExitReason, MainEvent};
+use crate::exit::ExitReason;
 use crate::layout::POST_PORT;
 use crate::stats::ExitCounts;
 use crate::sync::lock;
@@ -31,7 +31,7 @@ pub(crate) struct VcpuContext {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) coalesced: Option<Arc<Mutex<CoalescedRing>>>,
     pub(crate) stopping: Arc<AtomicBool>,
-    pub(crate) events: Sender<MainEvent>,
+    pub(crate) events: Sender<ExitReason>,
     pub(crate) vcpus: Arc<VcpuManager>,
     pub(crate) exits: Arc<ExitCounts>,
 }
@@ -64,7 +64,7 @@ impl VcpuContext {
                 Next::Continue | Next::InternalError => {}
                 Next::Stop(reason) => {
                     self.stopping.store(true, Ordering::SeqCst);
-                    let _ = self.events.send(reason.into());
+                    let _ = self.events.send(reason);
                     break;
                 }
                 Next::Crash(what) => {
@@ -74,7 +74,7 @@ impl VcpuContext {
                         super::describe_registers(&vcpu)
                     );
                     self.stopping.store(true, Ordering::SeqCst);
-                    let _ = self.events.send(ExitReason::Crash(msg).into());
+                    let _ = self.events.send(ExitReason::Crash(msg));
                     break;
                 }
             }

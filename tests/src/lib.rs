@@ -5,6 +5,10 @@
 //! everywhere else, such as on PVM hosts. `SKIFF_TEST_HOST=auto|direct|tcg`
 //! overrides the choice. To keep emulated boots few, a test hands over a
 //! batch of VM runs that go through one test host boot.
+//!
+//! A run of skiff-vmm is a [`VmConfig`], started with the arguments its
+//! `to_args()` writes, as the driver starts it: a test says what VM it
+//! wants in the type skiff-vmm parses, never in hand-written flags.
 
 pub mod backdoor;
 
@@ -13,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
+
+use skiff_vmm::config::{BlockConfig, ConsoleBackend};
+use skiff_vmm::VmConfig;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -145,7 +152,7 @@ pub fn mode() -> Mode {
 pub struct VmSpec {
     /// Label for messages and file names (letters, digits, '-').
     pub name: String,
-    /// Arguments to `skiff-vmm`.
+    /// Arguments to the program (skiff-vmm unless `program` is set).
     pub args: Vec<String>,
     /// Seconds before the run is killed.
     pub timeout_s: u64,
@@ -156,8 +163,15 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// A run of `skiff-vmm args...` with a generous timeout.
-    pub fn new(name: &str, args: Vec<String>) -> Self {
+    /// A run of skiff-vmm with `config` (through [`VmConfig::to_args`], as
+    /// the driver starts it) and a generous timeout.
+    pub fn new(name: &str, config: VmConfig) -> Self {
+        Self::raw(name, config.to_args())
+    }
+
+    /// A run of `skiff-vmm args...` with literal arguments, for a command
+    /// line that no [`VmConfig`] writes (a flag the test means to be bad).
+    pub fn raw(name: &str, args: Vec<String>) -> Self {
         VmSpec {
             name: name.to_owned(),
             args,
@@ -167,15 +181,23 @@ impl VmSpec {
         }
     }
 
+    /// A run of `/bin/sh -c script`, its output as the serial text.
+    pub fn shell(name: &str, script: String, timeout_s: u64) -> Self {
+        let mut spec = Self::raw(name, vec!["-c".into(), script]);
+        spec.program = Some("/bin/sh".into());
+        spec.timeout_s = timeout_s;
+        spec
+    }
+
     /// A run of `skiff-guest-session` (the binary at `session`): skiff-vmm
-    /// with `vmm_args` plus a virtio console on a socket, the backdoor
-    /// checks `checks` run through it with `shell`.
+    /// with `config` and its virtio console on a socket the session listens
+    /// on, the backdoor checks `checks` run through it with `shell`.
     pub fn session(
         name: &str,
         session: &Path,
         shell: &str,
         checks: &[&str],
-        vmm_args: Vec<String>,
+        mut config: VmConfig,
     ) -> Self {
         let socket = format!("/tmp/skiff-{}-{name}.sock", std::process::id());
         let mut args = vec![
@@ -190,9 +212,8 @@ impl VmSpec {
         }
         args.push("--".into());
         args.push(skiff_vmm().display().to_string());
-        args.extend(vmm_args);
-        args.push("--console".into());
-        args.push(format!("socket={socket}"));
+        config.console = Some(ConsoleBackend::Socket(socket.into()));
+        args.extend(config.to_args());
         VmSpec {
             name: name.to_owned(),
             args,
@@ -200,6 +221,17 @@ impl VmSpec {
             sigterm_after: None,
             program: Some(session.to_owned()),
         }
+    }
+}
+
+/// A writable virtio-blk disk backed by `path`, with the command line's
+/// defaults; set `readonly`, `overlay` or `id` with struct update syntax.
+pub fn disk(path: impl Into<PathBuf>) -> BlockConfig {
+    BlockConfig {
+        path: path.into(),
+        readonly: false,
+        overlay: false,
+        id: None,
     }
 }
 
@@ -224,7 +256,7 @@ impl VmOutcome {
             self.name,
             self.status,
             self.log.trim_end(),
-            tail(&self.serial, 60)
+            last_lines(&self.serial, 60)
         )
     }
 
@@ -256,11 +288,6 @@ impl VmOutcome {
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.to_owned())
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Single-quotes `s` for a POSIX shell.
@@ -758,10 +785,7 @@ pub fn skiff_run_env(name: &str, env: &str, args: &str, out_dir: &Path, timeout_
         skiff = shell_quote(&skiff_driver().display().to_string()),
         out = shell_quote(&out_dir.display().to_string()),
     );
-    let mut spec = VmSpec::new(name, vec!["-c".into(), script]);
-    spec.program = Some("/bin/sh".into());
-    spec.timeout_s = timeout_s;
-    spec
+    VmSpec::shell(name, script, timeout_s)
 }
 
 /// The `exit=N` a [`skiff_run`] reported.

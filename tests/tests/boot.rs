@@ -2,6 +2,7 @@
 //! and checks from inside the guest what it was given.
 
 use skiff_tests::{fixtures, run_batch, VmOutcome, VmSpec};
+use skiff_vmm::VmConfig;
 
 /// (vCPUs, MiB) pairs that cover one and several vCPUs, and memory below
 /// and above the 3 GiB MMIO gap.
@@ -12,20 +13,15 @@ fn boot_spec(kernel: &std::path::Path, cpus: u8, mib: u64, cmdline_extra: &str) 
     let f = fixtures();
     VmSpec::new(
         &format!("cpus{cpus}-mem{mib}"),
-        vec![
-            "--kernel".into(),
-            kernel.display().to_string(),
-            "--initrd".into(),
-            f.initrd.display().to_string(),
-            "--cmdline".into(),
-            format!("console=ttyS0 panic=-1 {cmdline_extra}")
+        VmConfig {
+            initrd: Some(f.initrd),
+            cmdline: format!("console=ttyS0 panic=-1 {cmdline_extra}")
                 .trim()
                 .to_owned(),
-            "--cpus".into(),
-            cpus.to_string(),
-            "--memory".into(),
-            mib.to_string(),
-        ],
+            cpus,
+            memory_mib: mib,
+            ..VmConfig::new(kernel)
+        },
     )
 }
 

@@ -2,16 +2,16 @@
 //! skiff-vmm's documented exit status and log line.
 
 use skiff_tests::{fixtures, run_batch, scratch_dir, VmSpec};
+use skiff_vmm::VmConfig;
 
-fn guest_args(kernel: &std::path::Path, cmdline: &str) -> Vec<String> {
-    vec![
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--initrd".into(),
-        fixtures().initrd.display().to_string(),
-        "--cmdline".into(),
-        cmdline.into(),
-    ]
+/// The busybox guest on `kernel` with `cmdline`; the rest as skiff-vmm's
+/// defaults (one vCPU, 256 MiB, serial on stdout).
+fn guest(kernel: &std::path::Path, cmdline: &str) -> VmConfig {
+    VmConfig {
+        initrd: Some(fixtures().initrd),
+        cmdline: cmdline.into(),
+        ..VmConfig::new(kernel)
+    }
 }
 
 /// A minimal ELF "kernel" that loads an empty IDT and raises #BP: the CPU
@@ -55,30 +55,27 @@ fn reboot_panic_triple_fault_and_sigterm_give_documented_statuses() {
     triple_fault_elf(&bad_kernel);
     let mut sigterm = VmSpec::new(
         "sigterm",
-        guest_args(&f.microvm, "console=ttyS0 skiff.action=sleep"),
+        guest(&f.microvm, "console=ttyS0 skiff.action=sleep"),
     );
     sigterm.sigterm_after = Some("skiff-guest: init ready".into());
     let specs = vec![
         VmSpec::new(
             "reboot-microvm",
-            guest_args(&f.microvm, "console=ttyS0 skiff.action=reboot"),
+            guest(&f.microvm, "console=ttyS0 skiff.action=reboot"),
         ),
         VmSpec::new(
             "reboot-kbd-debian",
-            guest_args(&f.debian, "console=ttyS0 reboot=k skiff.action=reboot"),
+            guest(&f.debian, "console=ttyS0 reboot=k skiff.action=reboot"),
         ),
         VmSpec::new(
             "panic-microvm",
-            guest_args(&f.microvm, "console=ttyS0 panic=-1 skiff.action=panic"),
+            guest(&f.microvm, "console=ttyS0 panic=-1 skiff.action=panic"),
         ),
         VmSpec::new(
             "panic-debian",
-            guest_args(&f.debian, "console=ttyS0 panic=-1 skiff.action=panic"),
+            guest(&f.debian, "console=ttyS0 panic=-1 skiff.action=panic"),
         ),
-        VmSpec::new(
-            "triple-fault",
-            vec!["--kernel".into(), bad_kernel.display().to_string()],
-        ),
+        VmSpec::new("triple-fault", VmConfig::new(&bad_kernel)),
         sigterm,
     ];
     let o = run_batch("exits", 2048, &specs);

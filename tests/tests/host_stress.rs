@@ -14,6 +14,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use skiff_tests::{fixtures, run_batch_with, BatchOptions, VmSpec};
+use skiff_vmm::config::MAX_CPUS;
+use skiff_vmm::VmConfig;
 
 const SESSION: &str = env!("CARGO_BIN_EXE_skiff-guest-session");
 
@@ -32,6 +34,10 @@ fn backdoor_stress_rounds_in_fresh_test_hosts() {
     let rounds = env_u32("SKIFF_STRESS_ROUNDS", 20);
     let mib = env_u32("SKIFF_STRESS_MIB", 16);
     let cpus = env_u32("SKIFF_STRESS_CPUS", 2);
+    let vcpus = u8::try_from(cpus)
+        .ok()
+        .filter(|n| (1..=MAX_CPUS).contains(n))
+        .unwrap_or_else(|| panic!("SKIFF_STRESS_CPUS={cpus}: expected 1 to {MAX_CPUS}"));
     let f = fixtures();
     let opts = BatchOptions {
         host_attempts: 1,
@@ -51,18 +57,13 @@ fn backdoor_stress_rounds_in_fresh_test_hosts() {
             Path::new(SESSION),
             "sh",
             &[check.as_str()],
-            vec![
-                "--kernel".into(),
-                f.microvm.display().to_string(),
-                "--initrd".into(),
-                f.initrd.display().to_string(),
-                "--cmdline".into(),
-                "console=ttyS0 panic=-1 skiff.action=backdoor".into(),
-                "--memory".into(),
-                "512".into(),
-                "--cpus".into(),
-                cpus.to_string(),
-            ],
+            VmConfig {
+                initrd: Some(f.initrd.clone()),
+                cmdline: "console=ttyS0 panic=-1 skiff.action=backdoor".into(),
+                memory_mib: 512,
+                cpus: vcpus,
+                ..VmConfig::new(&f.microvm)
+            },
         );
         let batch = run_batch_with(&format!("stress-{round}"), 2048, &[spec], &opts);
         let unstuck = batch

@@ -4,9 +4,10 @@
 //! recorded from QEMU 7.2 (tests/qmp/fixtures/qemu.json).
 
 use skiff_tests::{
-    assert_clean, cache_dir, exit_of, fixtures, run_batch, scratch_dir, shell_quote, skiff_run_env,
-    skiff_vmm, workspace_root, VmSpec,
+    assert_clean, cache_dir, disk, exit_of, fixtures, run_batch, scratch_dir, shell_quote,
+    skiff_run_env, skiff_vmm, workspace_root, VmSpec,
 };
+use skiff_vmm::VmConfig;
 
 /// site-packages of the virtualenv scripts/install-deps puts qemu.qmp in.
 fn qemu_qmp_path() -> String {
@@ -42,22 +43,30 @@ fn qemu_qmp_drives_a_guest_and_replies_match_qemu() {
         900,
     );
     let sock = format!("/tmp/skiff-qmp-shapes-{}", std::process::id());
+    // A named VM with one disk, as the QEMU whose replies were recorded
+    // was: query-name and query-block answer with the same shapes.
+    let config = VmConfig {
+        initrd: Some(f.initrd.clone()),
+        cmdline: "console=ttyS0 panic=-1 skiff.action=sleep".into(),
+        memory_mib: 256,
+        name: "fixture".into(),
+        disks: vec![disk(format!("{sock}/disk.img"))],
+        qmp: vec![format!("{sock}/qmp.sock").into()],
+        ..VmConfig::new(&f.microvm)
+    };
+    let vmm_args: Vec<String> = config.to_args().iter().map(|a| shell_quote(a)).collect();
     let shapes_script = format!(
         "cd {ws} || exit 1; rm -rf {sock}; mkdir -p {sock}; truncate -s 64M {sock}/disk.img; \
-         {vmm} --kernel {kernel} --initrd {initrd} --cmdline 'console=ttyS0 panic=-1 skiff.action=sleep' \
-           --memory 256 --name fixture --disk path={sock}/disk.img --qmp {sock}/qmp.sock > {sock}/serial 2>&1 & \
+         {vmm} {args} > {sock}/serial 2>&1 & \
          vmm=$!; \
          python3 tests/qmp/qmp_shapes.py {sock}/qmp.sock --compare tests/qmp/fixtures/qemu.json 2>&1; \
          st=$?; echo \"exit=$st\"; [ $st = 0 ] || kill $vmm; \
          wait $vmm; echo \"vmm-exit=$?\"; rm -rf {sock}",
         ws = shell_quote(&workspace_root().display().to_string()),
         vmm = shell_quote(&skiff_vmm().display().to_string()),
-        kernel = shell_quote(&f.microvm.display().to_string()),
-        initrd = shell_quote(&f.initrd.display().to_string()),
+        args = vmm_args.join(" "),
     );
-    let mut shapes = VmSpec::new("qmp-shapes", vec!["-c".into(), shapes_script]);
-    shapes.program = Some("/bin/sh".into());
-    shapes.timeout_s = 300;
+    let shapes = VmSpec::shell("qmp-shapes", shapes_script, 300);
 
     let o = run_batch("qmp", 3072, &[client, shapes]);
     let client = &o[0];

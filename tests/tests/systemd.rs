@@ -2,38 +2,36 @@
 //! multi-user.target and the backdoor shell on hvc0 answers with the NixOS
 //! framing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use skiff_tests::{cache_dir, fixtures, run_batch, VmSpec};
+use skiff_tests::{cache_dir, disk, fixtures, run_batch, VmSpec};
+use skiff_vmm::config::BlockConfig;
+use skiff_vmm::VmConfig;
 
 const SESSION: &str = env!("CARGO_BIN_EXE_skiff-guest-session");
 
-fn rootfs(name: &str) -> String {
+fn rootfs(name: &str) -> PathBuf {
     let p = cache_dir().join("guest").join(name);
     assert!(
         p.is_file(),
         "{} is missing: run tests/guest/build",
         p.display()
     );
-    p.display().to_string()
+    p
 }
 
-fn systemd_guest(kernel: &Path, disk: String, cmdline: &str, cpus: u8) -> Vec<String> {
-    vec![
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--initrd".into(),
-        fixtures().initrd.display().to_string(),
-        "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 {cmdline}"),
-        "--memory".into(),
-        "1024".into(),
-        "--cpus".into(),
-        cpus.to_string(),
-        "--disk".into(),
-        disk,
-        "--rng".into(),
-    ]
+/// A guest on `kernel` whose root is `root` (vda), the test init handing
+/// over to systemd, with `cmdline` added and virtio-rng.
+fn systemd_guest(kernel: &Path, root: BlockConfig, cmdline: &str, cpus: u8) -> VmConfig {
+    VmConfig {
+        initrd: Some(fixtures().initrd),
+        cmdline: format!("console=ttyS0 panic=-1 {cmdline}"),
+        memory_mib: 1024,
+        cpus,
+        disks: vec![root],
+        rng: true,
+        ..VmConfig::new(kernel)
+    }
 }
 
 #[test]
@@ -55,7 +53,10 @@ fn systemd_reaches_multi_user_under_both_kernels() {
         &microvm_checks,
         systemd_guest(
             &f.microvm,
-            format!("path={},overlay=on", rootfs("rootfs.ext4")),
+            BlockConfig {
+                overlay: true,
+                ..disk(rootfs("rootfs.ext4"))
+            },
             "root=/dev/vda rw",
             2,
         ),
@@ -72,7 +73,10 @@ fn systemd_reaches_multi_user_under_both_kernels() {
             &checks,
             systemd_guest(
                 &f.debian,
-                format!("path={},readonly=on", rootfs("rootfs.erofs")),
+                BlockConfig {
+                    readonly: true,
+                    ..disk(rootfs("rootfs.erofs"))
+                },
                 "root=/dev/vda rootfstype=erofs",
                 2,
             ),

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use skiff_tests::{fixtures, run_batch, scratch_dir, VmSpec};
+use skiff_tests::{disk, fixtures, run_batch, scratch_dir, VmSpec};
+use skiff_vmm::config::BlockConfig;
+use skiff_vmm::VmConfig;
 
 const SESSION: &str = env!("CARGO_BIN_EXE_skiff-guest-session");
 
@@ -27,22 +29,18 @@ fn make_image(path: &Path, len: u64, fill: u8) {
     std::fs::write(path, data).unwrap();
 }
 
-fn busybox_guest(kernel: &Path, extra: &[String]) -> Vec<String> {
-    let f = fixtures();
-    let mut args = vec![
-        "--kernel".to_owned(),
-        kernel.display().to_string(),
-        "--initrd".to_owned(),
-        f.initrd.display().to_string(),
-        "--cmdline".to_owned(),
-        "console=ttyS0 panic=-1 skiff.action=backdoor".to_owned(),
-        "--memory".to_owned(),
-        "512".to_owned(),
-        "--cpus".to_owned(),
-        "1".to_owned(),
-    ];
-    args.extend_from_slice(extra);
-    args
+/// The busybox guest on `kernel`, its init a backdoor shell, with `disks`
+/// (vda, vdb, ... in order) and virtio-rng.
+fn busybox_guest(kernel: &Path, disks: Vec<BlockConfig>) -> VmConfig {
+    VmConfig {
+        initrd: Some(fixtures().initrd),
+        cmdline: "console=ttyS0 panic=-1 skiff.action=backdoor".into(),
+        memory_mib: 512,
+        cpus: 1,
+        disks,
+        rng: true,
+        ..VmConfig::new(kernel)
+    }
 }
 
 #[test]
@@ -57,25 +55,27 @@ fn backdoor_disks_and_rng_work_under_both_kernels() {
     make_image(&base, 16 << 20, 0x5a);
     make_image(&ro, 16 << 20, 0xa5);
     make_image(&small, 64 << 20, 0);
-    let disk =
-        |p: &Path, opts: &str| vec!["--disk".to_owned(), format!("path={}{opts}", p.display())];
 
-    let microvm_args = busybox_guest(
+    let microvm = busybox_guest(
         &f.microvm,
-        &[
-            disk(&data, ",id=data"),
-            disk(&base, ",overlay=on"),
-            disk(&ro, ",readonly=on"),
-            vec!["--rng".to_owned()],
-        ]
-        .concat(),
+        vec![
+            BlockConfig {
+                id: Some("data".into()),
+                ..disk(&data)
+            },
+            BlockConfig {
+                overlay: true,
+                ..disk(&base)
+            },
+            BlockConfig {
+                readonly: true,
+                ..disk(&ro)
+            },
+        ],
     );
     let overlay_check = "cmd=yes overlay | head -c 1048576 | dd of=/dev/vdb bs=65536 2>/dev/null && sync \
         && echo 3 > /proc/sys/vm/drop_caches && head -c 7 /dev/vdb | grep -qx overlay && echo overlay-ok";
-    let debian_args = busybox_guest(
-        &f.debian,
-        &[disk(&small, ""), vec!["--rng".to_owned()]].concat(),
-    );
+    let debian = busybox_guest(&f.debian, vec![disk(&small)]);
     let specs = vec![
         VmSpec::session(
             "microvm",
@@ -91,7 +91,7 @@ fn backdoor_disks_and_rng_work_under_both_kernels() {
                 "cmd=cat /sys/block/vda/serial",
                 "cmd=grep -q virtio /sys/class/misc/hw_random/rng_current && head -c 64 /dev/hwrng | wc -c",
             ],
-            microvm_args,
+            microvm,
         ),
         VmSpec::session(
             "debian",
@@ -101,7 +101,7 @@ fn backdoor_disks_and_rng_work_under_both_kernels() {
                 "disk-write=/dev/vda:64",
                 "cmd=grep -q virtio /sys/class/misc/hw_random/rng_current && head -c 64 /dev/hwrng | wc -c",
             ],
-            debian_args,
+            debian,
         ),
     ];
     let o = run_batch("virtio", 3072, &specs);

@@ -535,6 +535,10 @@ mod tests {
             Ok(ConsoleBackend::Socket(PathBuf::from("/run/s")))
         );
         assert_eq!(
+            parse_console("socket=a=b"),
+            Ok(ConsoleBackend::Socket(PathBuf::from("a=b")))
+        );
+        assert_eq!(
             parse_console("file=/run/f"),
             Ok(ConsoleBackend::File(PathBuf::from("/run/f")))
         );

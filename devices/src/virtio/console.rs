@@ -29,11 +29,9 @@ mod endpoint;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,49 +80,6 @@ pub enum ConsoleBackend {
     File(PathBuf),
     /// A unix stream socket the VMM connects to; both directions.
     Socket(PathBuf),
-}
-
-/// A console backend string that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseConsoleBackendError {
-    /// Not one of the known forms.
-    #[error("invalid console backend `{0}`: expected `stdio`, `file=PATH` or `socket=PATH`")]
-    Unknown(String),
-    /// `file=` or `socket=` without a path.
-    #[error("invalid console backend `{0}`: the path after `=` is empty")]
-    EmptyPath(String),
-}
-
-impl FromStr for ConsoleBackend {
-    type Err = ParseConsoleBackendError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "stdio" {
-            return Ok(ConsoleBackend::Stdio);
-        }
-        let Some((kind, path)) = s.split_once('=') else {
-            return Err(ParseConsoleBackendError::Unknown(s.to_owned()));
-        };
-        let make = match kind {
-            "file" => ConsoleBackend::File,
-            "socket" => ConsoleBackend::Socket,
-            _ => return Err(ParseConsoleBackendError::Unknown(s.to_owned())),
-        };
-        if path.is_empty() {
-            return Err(ParseConsoleBackendError::EmptyPath(s.to_owned()));
-        }
-        Ok(make(PathBuf::from(path)))
-    }
-}
-
-impl fmt::Display for ConsoleBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConsoleBackend::Stdio => f.write_str("stdio"),
-            ConsoleBackend::File(p) => write!(f, "file={}", p.display()),
-            ConsoleBackend::Socket(p) => write!(f, "socket={}", p.display()),
-        }
-    }
 }
 
 /// Why the console could not be created.

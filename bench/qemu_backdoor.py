@@ -48,6 +48,13 @@ class BackdoorError(Exception):
     pass
 
 
+def command_line(command, timeout=None):
+    """The line the NixOS driver (and skiff's driver/src/shell.rs, whose
+    tests compare the two) sends to run `command`."""
+    prefix = f"timeout {timeout}" if timeout is not None else ""
+    return f"{prefix} bash -c {shlex.quote(f'set -euo pipefail; {command}')} | (base64 -w 0; echo)\n"
+
+
 class Shell:
     def __init__(self, conn):
         self.conn = conn
@@ -83,9 +90,7 @@ class Shell:
 
     def execute(self, command, timeout=900):
         """(status, output) as the NixOS driver's Machine.execute."""
-        prefix = f"timeout {timeout}" if timeout is not None else ""
-        line = f"{prefix} bash -c {shlex.quote(f'set -euo pipefail; {command}')} | (base64 -w 0; echo)\n"
-        self.conn.sendall(line.encode())
+        self.conn.sendall(command_line(command, timeout).encode())
         out = base64.b64decode(self.read_line().strip())
         self.conn.sendall(b"echo ${PIPESTATUS[0]}\n")
         status = int(self.read_line().strip())

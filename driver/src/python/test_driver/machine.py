@@ -562,10 +562,11 @@ class Machine:
             last_report = start
             while True:
                 lines = self._core.take_console_lines()
-                for line in lines:
+                for i, line in enumerate(lines):
                     self._console_buf += line
                     if re.search(regex, self._console_buf):
                         # What followed the match stays for the next call.
+                        self._console_buf += "".join(lines[i + 1 :])
                         return
                 if not lines:
                     if re.search(regex, self._console_buf):

@@ -435,6 +435,72 @@ mod tests {
         }
     }
 
+    /// The python3 executable of the interpreter skiff embeds: the one
+    /// whose library skiff is linked against (found from inside it), not
+    /// whichever python3 comes first on PATH.
+    fn embedded_python() -> std::path::PathBuf {
+        Python::attach(|py| {
+            let sys = py.import("sys").unwrap();
+            let get = |name: &str| -> String {
+                sys.getattr(name)
+                    .and_then(|v| v.str())
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            };
+            let (major, minor): (u8, u8) = sys
+                .getattr("version_info")
+                .and_then(|v| Ok((v.get_item(0)?.extract()?, v.get_item(1)?.extract()?)))
+                .unwrap();
+            let prefix = Path::new(&get("base_prefix")).join("bin");
+            [
+                prefix.join(format!("python{major}.{minor}")),
+                prefix.join(format!("python{major}")),
+                std::path::PathBuf::from(get("executable")),
+            ]
+            .into_iter()
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no python{major}.{minor} executable in {}",
+                    prefix.display()
+                )
+            })
+        })
+    }
+
+    /// The package's Python unit tests (src/python/tests, against a fake
+    /// `_skiff`) pass. CI runs only `cargo test`, so they run from here.
+    #[test]
+    fn python_unit_tests_pass() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/python");
+        let python = embedded_python();
+        let out = std::process::Command::new(&python)
+            // -B: no __pycache__ in the source tree.
+            .args(["-B", "-m", "unittest", "discover", "-s", "tests", "-t", "."])
+            .current_dir(&dir)
+            .env_remove("PYTHONPATH")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{} -m unittest in {} failed:\n{text}",
+            python.display(),
+            dir.display()
+        );
+        // An empty discovery also "succeeds".
+        assert!(text.contains("\nOK"), "no Python tests ran:\n{text}");
+        assert!(
+            !text.contains("Ran 0 tests"),
+            "no Python tests ran:\n{text}"
+        );
+    }
+
     /// The embedded interpreter imports every module of the package from
     /// the compiled-in sources.
     #[test]

@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::description::ResolvedNode;
 use crate::report::logger;
-use crate::shell::{Shell, ShellError, Watcher, STDOUT_WARNING};
+use crate::shell::{Shell, ShellError, Stop, Watcher, STDOUT_WARNING};
 
 /// How often a long wait says what it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(15);
@@ -48,17 +48,78 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// A machine-level failure.
+/// A machine-level failure. Each variant is a kind a test script may want
+/// to tell apart (the Python side raises one exception class per kind);
+/// the texts are what the log shows.
 #[derive(Debug, Error)]
 pub enum MachineError {
+    /// The host could not set the machine up: its state directory,
+    /// sockets, log files or threads.
     #[error("{machine}: {message}")]
-    Failed { machine: String, message: String },
+    Host { machine: String, message: String },
+    /// skiff-vmm could not be started at all.
     #[error("{machine}: cannot start skiff-vmm ({vmm}): {source}")]
     Spawn {
         machine: String,
         vmm: PathBuf,
         source: std::io::Error,
     },
+    /// The request needs a running VMM, or a connected shell, and there is
+    /// none.
+    #[error("{machine}: {what}")]
+    NotRunning { machine: String, what: &'static str },
+    /// skiff-vmm exited while the driver waited on it.
+    #[error(
+        "{machine}: skiff-vmm exited with status {status} ({}) while {doing}; last serial lines:\n{serial}",
+        exit_meaning(*status)
+    )]
+    Exited {
+        machine: String,
+        status: i32,
+        doing: String,
+        serial: String,
+    },
+    /// The guest's backdoor shell did not come up in time.
+    #[error(
+        "{machine}: the guest root shell did not come up within {} s (no `Spawning backdoor root shell...` on hvc0; check backdoor.service); last serial lines:\n{serial}",
+        timeout.as_secs()
+    )]
+    ConnectTimeout {
+        machine: String,
+        timeout: Duration,
+        serial: String,
+    },
+    /// The driver is being stopped.
+    #[error("{machine}: {}", Stop::Interrupted)]
+    Interrupted { machine: String },
+    /// The backdoor shell failed while connecting.
+    #[error("{machine}: {source}")]
+    Shell { machine: String, source: ShellError },
+    /// The backdoor shell failed while running `command`.
+    #[error("{machine}: running `{command}`: {source}")]
+    Command {
+        machine: String,
+        command: String,
+        source: ShellError,
+    },
+}
+
+impl MachineError {
+    /// Whether the driver being stopped caused this.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            MachineError::Interrupted { .. }
+                | MachineError::Shell {
+                    source: ShellError::Stopped(Stop::Interrupted),
+                    ..
+                }
+                | MachineError::Command {
+                    source: ShellError::Stopped(Stop::Interrupted),
+                    ..
+                }
+        )
+    }
 }
 
 /// What `skiff-vmm`'s exit status means (its documented codes).
@@ -174,9 +235,16 @@ impl Vm {
     }
 
     fn fail(&self, message: impl Into<String>) -> MachineError {
-        MachineError::Failed {
+        MachineError::Host {
             machine: self.0.name.clone(),
             message: message.into(),
+        }
+    }
+
+    fn not_running(&self, what: &'static str) -> MachineError {
+        MachineError::NotRunning {
+            machine: self.0.name.clone(),
+            what,
         }
     }
 
@@ -405,7 +473,7 @@ impl Vm {
         let stdin = p
             .stdin
             .as_mut()
-            .ok_or_else(|| self.fail("the machine is not running"))?;
+            .ok_or_else(|| self.not_running("the machine is not running"))?;
         stdin
             .write_all(data)
             .and_then(|_| stdin.flush())
@@ -413,13 +481,13 @@ impl Vm {
     }
 
     /// An error for a VMM that is gone, with the end of its serial console.
-    fn died(&self, what: &str) -> MachineError {
-        let code = self.last_exit().unwrap_or(-1);
-        self.fail(format!(
-            "skiff-vmm exited with status {code} ({}) while {what}; last serial lines:\n{}",
-            exit_meaning(code),
-            self.last_serial_lines(20)
-        ))
+    fn died(&self, doing: &str) -> MachineError {
+        MachineError::Exited {
+            machine: self.0.name.clone(),
+            status: self.last_exit().unwrap_or(-1),
+            doing: doing.to_owned(),
+            serial: self.last_serial_lines(20),
+        }
     }
 
     /// Waits for the backdoor banner (connecting the shell first), at most
@@ -436,14 +504,12 @@ impl Vm {
         let started = Instant::now();
         let name = self.0.name.clone();
         logger().begin_nested(Some(&name), "waiting for the VM to finish booting");
-        let mut last_report = Instant::now();
-        let too_late = |vm: &Vm| {
-            vm.fail(format!(
-                "the guest root shell did not come up within {} s (no `Spawning backdoor root shell...` on hvc0; check backdoor.service); last serial lines:\n{}",
-                timeout.as_secs(),
-                vm.last_serial_lines(20)
-            ))
+        let too_late = |vm: &Vm| MachineError::ConnectTimeout {
+            machine: vm.0.name.clone(),
+            timeout,
+            serial: vm.last_serial_lines(20),
         };
+        let mut wait = GuestWait::new(self, Phase::Banner { timeout });
         // The VMM connects to our socket as soon as it starts. A VMM whose
         // connection we dropped (after a reboot request) reconnects before
         // it exits: a connection that closes before the banner is retried.
@@ -460,7 +526,7 @@ impl Vm {
                             return Err(self.died("waiting for its console connection"));
                         }
                         if interrupted() {
-                            return Err(self.fail("the driver was interrupted"));
+                            return Err(MachineError::Interrupted { machine: name });
                         }
                         if started.elapsed() > timeout {
                             return Err(too_late(self));
@@ -470,50 +536,30 @@ impl Vm {
                     Err(e) => return Err(self.fail(format!("accepting the shell connection: {e}"))),
                 }
             };
-            let mut shell = Shell::new(stream).map_err(|e| self.fail(e.to_string()))?;
-            struct BannerWait<'a> {
-                vm: &'a Vm,
-                timeout: Duration,
-                last_report: &'a mut Instant,
-            }
-            impl Watcher for BannerWait<'_> {
-                fn tick(&mut self, waited: Duration) -> Result<(), String> {
-                    if interrupted() {
-                        return Err(String::from("the driver was interrupted"));
-                    }
-                    if !self.vm.booted() {
-                        return Err(String::from("the VM exited"));
-                    }
-                    if waited > self.timeout {
-                        return Err(String::from("timeout"));
-                    }
-                    if self.last_report.elapsed() >= PROGRESS_EVERY {
-                        *self.last_report = Instant::now();
-                        logger().log(
-                            Some(self.vm.name()),
-                            &format!(
-                                "waiting for the guest root shell ({:.0}s)",
-                                waited.as_secs_f64()
-                            ),
-                        );
-                    }
-                    Ok(())
-                }
-            }
-            let remaining = timeout.saturating_sub(started.elapsed());
-            let r = shell.wait_banner(&mut BannerWait {
-                vm: self,
-                timeout: remaining,
-                last_report: &mut last_report,
-            });
+            let mut shell = Shell::new(stream).map_err(|e| MachineError::Shell {
+                machine: name.clone(),
+                source: e.into(),
+            })?;
+            wait.phase = Phase::Banner {
+                timeout: timeout.saturating_sub(started.elapsed()),
+            };
+            let r = shell.wait_banner(&mut wait);
             match r {
                 Ok(()) => break (shell, lock(&self.0.proc).generation),
-                Err(ShellError::Stopped(why)) if why == "timeout" => return Err(too_late(self)),
+                Err(ShellError::Stopped(Stop::Timeout)) => return Err(too_late(self)),
                 Err(ShellError::Closed) if self.booted() => continue,
                 Err(_) if !self.booted() => {
                     return Err(self.died("waiting for the guest root shell"))
                 }
-                Err(e) => return Err(self.fail(e.to_string())),
+                Err(ShellError::Stopped(Stop::Interrupted)) => {
+                    return Err(MachineError::Interrupted { machine: name })
+                }
+                Err(source) => {
+                    return Err(MachineError::Shell {
+                        machine: name,
+                        source,
+                    })
+                }
             }
         };
         *lock(&self.0.shell) = Some((shell, generation));
@@ -542,73 +588,19 @@ impl Vm {
         let mut guard = lock(&self.0.shell);
         let generation = lock(&self.0.proc).generation;
         let Some((shell, g)) = guard.as_mut().filter(|(_, g)| *g == generation) else {
-            return Err(self.fail("the guest shell is not connected"));
+            return Err(self.not_running("the guest shell is not connected"));
         };
         debug_assert_eq!(*g, generation);
-        struct CommandWait<'a> {
-            vm: &'a Vm,
-            command: &'a str,
-            warned: bool,
-            last_report: Instant,
-            line: Vec<u8>,
-        }
-        impl Watcher for CommandWait<'_> {
-            fn tick(&mut self, waited: Duration) -> Result<(), String> {
-                if interrupted() {
-                    return Err(String::from("the driver was interrupted"));
-                }
-                if !self.vm.booted() {
-                    return Err(String::from("the VM exited"));
-                }
-                if !self.warned && waited >= STDOUT_WARNING {
-                    self.warned = true;
-                    self.last_report = Instant::now();
-                    logger().warning(
-                        Some(self.vm.name()),
-                        &format!(
-                            "command `{}` has not closed its stdout after {} s: it is still running, or a background process it started keeps stdout open (redirect that process's output, e.g. `cmd >/dev/null 2>&1 &`)",
-                            self.command,
-                            STDOUT_WARNING.as_secs()
-                        ),
-                    );
-                } else if self.warned && self.last_report.elapsed() >= PROGRESS_EVERY {
-                    self.last_report = Instant::now();
-                    logger().log(
-                        Some(self.vm.name()),
-                        &format!(
-                            "waiting for `{}` to finish ({:.0}s)",
-                            self.command,
-                            waited.as_secs_f64()
-                        ),
-                    );
-                }
-                Ok(())
-            }
-            fn output(&mut self, chunk: &[u8]) {
-                self.line.extend_from_slice(chunk);
-                while let Some(i) = self.line.iter().position(|&b| b == b'\n') {
-                    let l: Vec<u8> = self.line.drain(..=i).collect();
-                    logger().log(
-                        Some(self.vm.name()),
-                        &format!("| {}", String::from_utf8_lossy(&l[..l.len() - 1])),
-                    );
-                }
-            }
-        }
-        let mut w = CommandWait {
-            vm: self,
-            command,
-            warned: false,
-            last_report: Instant::now(),
-            line: Vec::new(),
-        };
+        let mut w = GuestWait::new(
+            self,
+            Phase::Command {
+                command,
+                warned: false,
+                line: Vec::new(),
+            },
+        );
         let r = shell.execute(command, check_return, check_output, timeout, stream, &mut w);
-        if stream && !w.line.is_empty() {
-            logger().log(
-                Some(self.name()),
-                &format!("| {}", String::from_utf8_lossy(&w.line)),
-            );
-        }
+        w.flush_output();
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -620,7 +612,11 @@ impl Vm {
                 {
                     Err(self.died(&format!("running `{command}`")))
                 } else {
-                    Err(self.fail(format!("running `{command}`: {e}")))
+                    Err(MachineError::Command {
+                        machine: self.0.name.clone(),
+                        command: command.to_owned(),
+                        source: e,
+                    })
                 }
             }
         }
@@ -641,7 +637,7 @@ impl Vm {
         let mut guard = lock(&self.0.shell);
         let (shell, _) = guard
             .as_mut()
-            .ok_or_else(|| self.fail("the guest shell is not connected"))?;
+            .ok_or_else(|| self.not_running("the guest shell is not connected"))?;
         shell
             .send_raw(data)
             .map_err(|e| self.fail(format!("writing to the guest shell: {e}")))
@@ -699,5 +695,115 @@ impl Vm {
             }
         }
         *lock(&self.0.shell) = None;
+    }
+}
+
+/// What a wait on the guest shell is for.
+enum Phase<'a> {
+    /// The backdoor banner, for at most `timeout`.
+    Banner { timeout: Duration },
+    /// `command`'s output; `line` holds streamed output not yet logged.
+    Command {
+        command: &'a str,
+        warned: bool,
+        line: Vec<u8>,
+    },
+}
+
+/// The [`Watcher`] of every wait on the guest shell: it stops the wait
+/// when the driver is being stopped or the VMM exits, enforces the
+/// banner's deadline, and says in the log what it still waits for.
+struct GuestWait<'a> {
+    vm: &'a Vm,
+    phase: Phase<'a>,
+    last_report: Instant,
+}
+
+impl<'a> GuestWait<'a> {
+    fn new(vm: &'a Vm, phase: Phase<'a>) -> Self {
+        GuestWait {
+            vm,
+            phase,
+            last_report: Instant::now(),
+        }
+    }
+
+    fn log(&self, message: &str) {
+        logger().log(Some(self.vm.name()), message);
+    }
+
+    /// Logs the streamed output's last line if it had no newline.
+    fn flush_output(&mut self) {
+        if let Phase::Command { line, .. } = &mut self.phase {
+            if !line.is_empty() {
+                let text = format!("| {}", String::from_utf8_lossy(line));
+                line.clear();
+                self.log(&text);
+            }
+        }
+    }
+}
+
+impl Watcher for GuestWait<'_> {
+    fn tick(&mut self, waited: Duration) -> Result<(), Stop> {
+        if interrupted() {
+            return Err(Stop::Interrupted);
+        }
+        if !self.vm.booted() {
+            return Err(Stop::VmExited);
+        }
+        let due = self.last_report.elapsed() >= PROGRESS_EVERY;
+        match &mut self.phase {
+            Phase::Banner { timeout } => {
+                if waited > *timeout {
+                    return Err(Stop::Timeout);
+                }
+                if due {
+                    self.last_report = Instant::now();
+                    self.log(&format!(
+                        "waiting for the guest root shell ({:.0}s)",
+                        waited.as_secs_f64()
+                    ));
+                }
+            }
+            Phase::Command {
+                command, warned, ..
+            } => {
+                if !*warned && waited >= STDOUT_WARNING {
+                    *warned = true;
+                    self.last_report = Instant::now();
+                    logger().warning(
+                        Some(self.vm.name()),
+                        &format!(
+                            "command `{command}` has not closed its stdout after {} s: it is still running, or a background process it started keeps stdout open (redirect that process's output, e.g. `cmd >/dev/null 2>&1 &`)",
+                            STDOUT_WARNING.as_secs()
+                        ),
+                    );
+                } else if *warned && due {
+                    let text = format!(
+                        "waiting for `{command}` to finish ({:.0}s)",
+                        waited.as_secs_f64()
+                    );
+                    self.last_report = Instant::now();
+                    self.log(&text);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn output(&mut self, chunk: &[u8]) {
+        let Phase::Command { line, .. } = &mut self.phase else {
+            return;
+        };
+        line.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(i) = line.iter().position(|&b| b == b'\n') {
+            let l: Vec<u8> = line.drain(..=i).collect();
+            lines.push(format!("| {}", String::from_utf8_lossy(&l[..l.len() - 1])));
+        }
+        for l in lines {
+            self.log(&l);
+        }
     }
 }

@@ -24,7 +24,7 @@ pub enum ShellError {
     #[error("the guest shell closed the connection")]
     Closed,
     #[error("{0}")]
-    Stopped(String),
+    Stopped(Stop),
     #[error("no answer from the guest shell within {0} s")]
     NoAnswer(u64),
     #[error("the guest shell sent output that is not base64 ({0}); something else writes to hvc0")]
@@ -53,11 +53,25 @@ pub fn command_line(command: &str, timeout: Option<u64>) -> String {
     )
 }
 
+/// Why a [`Watcher`] stopped a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum Stop {
+    /// The driver is being stopped (SIGTERM, SIGINT, the global timeout).
+    #[error("the driver was interrupted")]
+    Interrupted,
+    /// The VMM exited while the guest was waited for.
+    #[error("the VM exited")]
+    VmExited,
+    /// The watcher's deadline passed.
+    #[error("timeout")]
+    Timeout,
+}
+
 /// What a waiting shell call reports while it waits; returning an error
 /// stops the wait (the VM died, the run is being torn down).
 pub trait Watcher {
     /// Called about once a second with the time waited so far.
-    fn tick(&mut self, waited: Duration) -> Result<(), String>;
+    fn tick(&mut self, waited: Duration) -> Result<(), Stop>;
     /// Decoded output that arrived while the command runs.
     fn output(&mut self, _chunk: &[u8]) {}
 }
@@ -272,6 +286,29 @@ mod tests {
         assert_eq!(quote("a-b/c.d"), "a-b/c.d");
         assert_eq!(quote(""), "''");
         assert_eq!(quote("a b"), "'a b'");
+    }
+
+    /// A watcher's reason to stop reaches the caller as that reason.
+    #[test]
+    fn a_watcher_stops_the_wait_with_its_reason() {
+        struct Give(Stop);
+        impl Watcher for Give {
+            fn tick(&mut self, _: Duration) -> Result<(), Stop> {
+                Err(self.0)
+            }
+        }
+        let (ours, mut guest) = UnixStream::pair().unwrap();
+        let mut shell = Shell::new(ours).unwrap();
+        // Half a banner is not a banner.
+        guest.write_all(&BANNER[..10]).unwrap();
+        match shell.wait_banner(&mut Give(Stop::Timeout)) {
+            Err(ShellError::Stopped(Stop::Timeout)) => {}
+            other => panic!("{other:?}"),
+        }
+        // The rest arrives: the banner split over two reads counts.
+        guest.write_all(&BANNER[10..]).unwrap();
+        guest.write_all(b"\n").unwrap();
+        shell.wait_banner(&mut Give(Stop::Interrupted)).unwrap();
     }
 
     #[test]

@@ -12,23 +12,57 @@ use std::ffi::CStr;
 use std::path::Path;
 use std::time::Duration;
 
-use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyModule};
 
 use crate::machine::{interrupted, MachineError as RustMachineError, Vm};
 use crate::report::logger;
 
-create_exception!(
-    _skiff,
-    MachineError,
-    PyException,
-    "A machine or driver failure (not a failed assertion)."
-);
+/// The Python class, in `test_driver.errors`, of a machine error: one
+/// per kind a script may want to tell apart, all subclasses of
+/// `MachineError`.
+fn error_class(e: &RustMachineError) -> &'static str {
+    if e.is_interrupted() {
+        return "DriverInterrupted";
+    }
+    match e {
+        RustMachineError::Host { .. } | RustMachineError::Spawn { .. } => "HostError",
+        RustMachineError::NotRunning { .. } => "MachineNotRunning",
+        RustMachineError::Exited { .. } => "MachineExited",
+        RustMachineError::ConnectTimeout { .. } => "ConnectTimeout",
+        RustMachineError::Interrupted { .. } => "DriverInterrupted",
+        RustMachineError::Shell { .. } | RustMachineError::Command { .. } => "GuestShellError",
+    }
+}
 
+/// A machine error as the Python exception of its kind, with the
+/// machine's name (and the exit status, for `MachineExited`) as
+/// attributes. Falls back to RuntimeError if the package is not loaded.
 fn err(e: RustMachineError) -> PyErr {
-    MachineError::new_err(e.to_string())
+    Python::attach(|py| {
+        let message = e.to_string();
+        let make = || -> PyResult<PyErr> {
+            let class = py.import("test_driver.errors")?.getattr(error_class(&e))?;
+            let value = class.call1((&message,))?;
+            let machine = match &e {
+                RustMachineError::Host { machine, .. }
+                | RustMachineError::Spawn { machine, .. }
+                | RustMachineError::NotRunning { machine, .. }
+                | RustMachineError::Exited { machine, .. }
+                | RustMachineError::ConnectTimeout { machine, .. }
+                | RustMachineError::Interrupted { machine }
+                | RustMachineError::Shell { machine, .. }
+                | RustMachineError::Command { machine, .. } => machine,
+            };
+            value.setattr("machine", machine)?;
+            if let RustMachineError::Exited { status, .. } = &e {
+                value.setattr("status", status)?;
+            }
+            Ok(PyErr::from_value(value))
+        };
+        make().unwrap_or_else(|_| PyRuntimeError::new_err(message.clone()))
+    })
 }
 
 /// The Rust side of one machine.
@@ -205,7 +239,6 @@ fn py_interrupted() -> bool {
 fn skiff_module(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     let m = PyModule::new(py, "_skiff")?;
     m.add_class::<VmCore>()?;
-    m.add("MachineError", py.get_type::<MachineError>())?;
     m.add_function(wrap_pyfunction!(log, &m)?)?;
     m.add_function(wrap_pyfunction!(warning, &m)?)?;
     m.add_function(wrap_pyfunction!(error, &m)?)?;
@@ -410,6 +443,19 @@ pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
 mod tests {
     use super::*;
 
+    /// Sets the interpreter up once for all tests. Tests run in parallel
+    /// threads; the Once is entered without the GIL, so a thread waiting
+    /// here does not block the one setting up.
+    fn setup() {
+        static SETUP: std::sync::Once = std::sync::Once::new();
+        SETUP.call_once(|| {
+            Python::attach(|py| {
+                skiff_module(py).unwrap();
+                install_package(py).unwrap();
+            })
+        });
+    }
+
     /// Every module of the package is compiled in, and nothing else.
     #[test]
     fn package_lists_every_module() {
@@ -505,9 +551,8 @@ mod tests {
     /// the compiled-in sources.
     #[test]
     fn package_imports_in_the_embedded_interpreter() {
+        setup();
         Python::attach(|py| {
-            skiff_module(py).unwrap();
-            install_package(py).unwrap();
             for (name, file, _, _) in PACKAGE {
                 let m = py
                     .import(*name)
@@ -517,6 +562,91 @@ mod tests {
             }
             let driver = py.import("test_driver.driver").unwrap();
             assert!(driver.hasattr("main").unwrap());
+        })
+    }
+
+    /// Each kind of machine error reaches Python as its own subclass of
+    /// `test_driver.errors.MachineError`, with its text and machine name.
+    #[test]
+    fn machine_errors_become_their_python_classes() {
+        use crate::shell::{ShellError, Stop};
+        let m = || "box".to_string();
+        let cases = [
+            (
+                RustMachineError::Host {
+                    machine: m(),
+                    message: "no room".into(),
+                },
+                "HostError",
+                "box: no room",
+            ),
+            (
+                RustMachineError::NotRunning {
+                    machine: m(),
+                    what: "the machine is not running",
+                },
+                "MachineNotRunning",
+                "box: the machine is not running",
+            ),
+            (
+                RustMachineError::Exited {
+                    machine: m(),
+                    status: 1,
+                    doing: "waiting".into(),
+                    serial: "last".into(),
+                },
+                "MachineExited",
+                "box: skiff-vmm exited with status 1 (",
+            ),
+            (
+                RustMachineError::ConnectTimeout {
+                    machine: m(),
+                    timeout: Duration::from_secs(20),
+                    serial: String::new(),
+                },
+                "ConnectTimeout",
+                "box: the guest root shell did not come up within 20 s",
+            ),
+            (
+                RustMachineError::Interrupted { machine: m() },
+                "DriverInterrupted",
+                "box: the driver was interrupted",
+            ),
+            (
+                RustMachineError::Command {
+                    machine: m(),
+                    command: "true".into(),
+                    source: ShellError::Stopped(Stop::Interrupted),
+                },
+                "DriverInterrupted",
+                "box: running `true`: the driver was interrupted",
+            ),
+            (
+                RustMachineError::Command {
+                    machine: m(),
+                    command: "true".into(),
+                    source: ShellError::Closed,
+                },
+                "GuestShellError",
+                "box: running `true`: the guest shell closed the connection",
+            ),
+        ];
+        setup();
+        Python::attach(|py| {
+            let base = py
+                .import("test_driver.errors")
+                .unwrap()
+                .getattr("MachineError")
+                .unwrap();
+            for (e, class, text) in cases {
+                let e = err(e).into_value(py).into_bound(py);
+                let name = e.get_type().name().unwrap().to_string();
+                assert_eq!(name, class);
+                assert!(e.is_instance(&base).unwrap(), "{class}");
+                assert!(e.to_string().starts_with(text), "{e}");
+                let machine: String = e.getattr("machine").unwrap().extract().unwrap();
+                assert_eq!(machine, "box");
+            }
         })
     }
 }

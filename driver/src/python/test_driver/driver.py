@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import _skiff
-from test_driver.errors import MachineError, RequestedAssertionFailed
+from test_driver.errors import MachineError, NotSupported, RequestedAssertionFailed
 from test_driver.logger import Logger, log
 from test_driver.machine import BaseMachine, Machine, retry
 from test_driver.polling_condition import PollingCondition
@@ -152,7 +152,7 @@ class Driver:
     def create_machine(self, *args: Any, **kwargs: Any) -> Machine:
         """Not available: upstream builds a machine from a QEMU start
         script; with skiff, add the node to the test description."""
-        raise MachineError(
+        raise NotSupported(
             "create_machine() builds a machine from a QEMU start script; "
             "with skiff, add the node to the test description instead"
         )

@@ -24,7 +24,14 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import _skiff
-from test_driver.errors import MachineError, RequestedAssertionFailed
+from test_driver.errors import (
+    DriverInterrupted,
+    MachineError,
+    MachineExited,
+    MachineNotRunning,
+    NotSupported,
+    RequestedAssertionFailed,
+)
 from test_driver.logger import Logger, log
 from test_driver.qmp import QMPSession
 
@@ -77,7 +84,7 @@ def retry(
         if fn(False):
             return
         if _skiff.interrupted():
-            raise MachineError("the driver was interrupted")
+            raise DriverInterrupted("the driver was interrupted")
         time.sleep(min(1.0, max(0.0, limit - (time.monotonic() - start))))
     if not fn(True):
         raise RequestedAssertionFailed(
@@ -85,8 +92,8 @@ def retry(
         )
 
 
-def _not_here(machine: "Machine", what: str, needs: str) -> MachineError:
-    return MachineError(f"{machine.name}: {what} needs {needs}, which skiff-vmm does not have yet")
+def _not_here(machine: "Machine", what: str, needs: str) -> NotSupported:
+    return NotSupported(f"{machine.name}: {what} needs {needs}, which skiff-vmm does not have yet")
 
 
 def _command_failed(
@@ -235,7 +242,7 @@ class Machine:
     def _qmp(self) -> QMPSession:
         """The QMP session of the running VMM (a new one after a reboot)."""
         if not self._core.booted:
-            raise MachineError(f"{self.name}: the machine is not running")
+            raise MachineNotRunning(f"{self.name}: the machine is not running")
         if self.qmp_client is None or self._qmp_pid != self._core.pid:
             self._connect_qmp()
         assert self.qmp_client is not None
@@ -258,7 +265,7 @@ class Machine:
             start = time.monotonic()
             while self._core.wait_exit(15.0) is None:
                 if _skiff.interrupted():
-                    raise MachineError("the driver was interrupted")
+                    raise DriverInterrupted("the driver was interrupted")
                 self.log(f"waiting for the VM to power off ({time.monotonic() - start:.0f}s)")
         self._booted_override = None
 
@@ -577,9 +584,9 @@ class Machine:
                             f"action timed out after {now - start:.2f} seconds (timeout={timeout})"
                         )
                     if _skiff.interrupted():
-                        raise MachineError("the driver was interrupted")
+                        raise DriverInterrupted("the driver was interrupted")
                     if not self._core.booted and not self._core.take_console_lines():
-                        raise MachineError(
+                        raise MachineExited(
                             f"{self.name}: the VM exited (status {self._core.last_exit}) "
                             f"while waiting for {regex!r} on the console"
                         )
@@ -610,7 +617,7 @@ class Machine:
                 event = self.qmp_client.events.get(timeout=min(left, 1.0))
             except queue.Empty:
                 if _skiff.interrupted():
-                    raise MachineError("the driver was interrupted")
+                    raise DriverInterrupted("the driver was interrupted")
                 continue
             if event_filter(event):
                 return event

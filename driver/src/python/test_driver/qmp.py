@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
-from test_driver.errors import MachineError
+from test_driver.errors import MachineError, MachineExited
 
 
 class QMPAPIError(MachineError):
@@ -47,7 +47,7 @@ class QMPSession:
                 self.sock.close()
                 now = time.monotonic()
                 if alive is not None and not alive():
-                    raise MachineError(f"skiff-vmm exited before its QMP socket {path} came up")
+                    raise MachineExited(f"skiff-vmm exited before its QMP socket {path} came up")
                 if now - start > timeout:
                     raise MachineError(
                         f"cannot connect to the QMP socket {path} within {timeout:.0f} s: {e}"

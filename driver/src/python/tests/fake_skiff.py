@@ -11,10 +11,6 @@ a new one used by the package shows up as an AttributeError in the tests.
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 
-class MachineError(Exception):
-    """As `_skiff.MachineError`."""
-
-
 # (kind, message, machine) of every log call, in order.
 events: List[Tuple[str, str, Optional[str]]] = []
 interrupt = False

@@ -7,7 +7,7 @@ import unittest
 
 import test_driver.driver as driver_module
 from test_driver.driver import main
-from test_driver.errors import RequestedAssertionFailed
+from test_driver.errors import NotSupported, RequestedAssertionFailed
 from tests import fake_skiff
 from tests.fake_skiff import FakeCore
 from tests.helpers import DriverTestCase
@@ -74,7 +74,7 @@ class SymbolsTest(DriverTestCase):
         self.driver.join_all()
 
     def test_create_machine_is_refused(self) -> None:
-        with self.assertRaisesRegex(fake_skiff.MachineError, "add the node to the test description"):
+        with self.assertRaisesRegex(NotSupported, "add the node to the test description"):
             self.driver.create_machine("run-x-vm")
 
     def test_serial_stdout(self) -> None:
@@ -136,7 +136,7 @@ class MainTest(DriverTestCase):
         self.assertNotIn("machine:", report)
 
     def test_machine_errors_and_other_exceptions_show_the_traceback(self) -> None:
-        for script, text in (("server.block()\n", "MachineError: server: block() needs virtio-net"), ("1 / 0\n", "ZeroDivisionError")):
+        for script, text in (("server.block()\n", "NotSupported: server: block() needs virtio-net"), ("1 / 0\n", "ZeroDivisionError")):
             with self.subTest(script):
                 fake_skiff.reset()
                 self.assertEqual(self.run_main(script), 1)

@@ -4,7 +4,7 @@ the log blocks and error texts the upstream API promises."""
 import datetime
 import unittest
 
-from test_driver.errors import MachineError, RequestedAssertionFailed
+from test_driver.errors import MachineError, MachineExited, NotSupported, RequestedAssertionFailed
 from tests import fake_skiff
 from tests.helpers import DriverTestCase
 
@@ -189,7 +189,7 @@ class WaitingTest(DriverTestCase):
     def test_wait_for_console_text_fails_when_the_vm_exits(self) -> None:
         self.machine.start()
         self.core.exit(1)
-        with self.assertRaises(MachineError) as cm:
+        with self.assertRaises(MachineExited) as cm:
             self.machine.wait_for_console_text("never")
         self.assertEqual(str(cm.exception), "server: the VM exited (status 1) while waiting for 'never' on the console")
 
@@ -277,8 +277,9 @@ class NotYetSupportedTest(DriverTestCase):
         ]
         for method, args, text in cases:
             with self.subTest(method.__name__):
-                with self.assertRaises(MachineError) as cm:
+                with self.assertRaises(NotSupported) as cm:
                     method(*args)
+                self.assertIsInstance(cm.exception, MachineError)
                 self.assertTrue(str(cm.exception).startswith("server: " + text), str(cm.exception))
                 self.assertIn("which skiff-vmm does not have yet", str(cm.exception))
         self.assertEqual(self.core.commands, [])

@@ -5,7 +5,7 @@ import unittest
 from unittest import mock
 
 import test_driver.machine as machine_module
-from test_driver.errors import MachineError, RequestedAssertionFailed
+from test_driver.errors import DriverInterrupted, MachineError, RequestedAssertionFailed
 from test_driver.machine import _guest_timeout, _seconds, retry
 from tests import fake_skiff
 from tests.fake_skiff import FakeClock
@@ -50,8 +50,9 @@ class RetryTest(unittest.TestCase):
 
     def test_an_interrupted_driver_stops_the_wait(self) -> None:
         fake_skiff.interrupt = True
-        with self.assertRaisesRegex(MachineError, "the driver was interrupted"):
+        with self.assertRaisesRegex(DriverInterrupted, "the driver was interrupted") as cm:
             retry(lambda last: False, timeout=60)
+        self.assertIsInstance(cm.exception, MachineError)
 
     def test_a_timeout_that_is_not_a_duration_is_refused(self) -> None:
         for bad in ("10", True, [1]):

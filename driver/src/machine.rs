@@ -1,5 +1,10 @@
-//! One VM of a test: its `skiff-vmm` process, serial console and backdoor
-//! shell. The Python `Machine` class is built on this.
+//! One machine (node) of a test: its `skiff-vmm` process, serial console
+//! and backdoor shell. The Python `Machine` class is built on this.
+//!
+//! Names: a `Machine` is the test's node, which outlives any one VMM run;
+//! "VM" means what a `skiff-vmm` process runs. A machine's state (pid,
+//! generation, shell, console) lives here, behind one `Arc`, and every
+//! clone shares it: the serial and wait threads, and Python's core object.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -171,9 +176,9 @@ struct Inner {
     shell: Mutex<Option<(Shell, u64)>>,
 }
 
-/// A machine; cheap to clone (shared state).
+/// A machine of the test; cheap to clone (shared state).
 #[derive(Clone)]
-pub struct Vm(Arc<Inner>);
+pub struct Machine(Arc<Inner>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -205,14 +210,14 @@ fn spawn(cmd: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("spawner thread is gone"))?
 }
 
-impl Vm {
+impl Machine {
     /// A machine for `node`; its state lives in `state_dir/vm-state-<name>`.
     pub fn new(node: ResolvedNode, vmm: PathBuf, state_root: &Path, out_dir: &Path) -> Self {
         // Logs of an earlier run in the same output directory go.
         for log in ["serial.log", "vmm.log"] {
             let _ = std::fs::remove_file(out_dir.join(format!("{}.{log}", node.name)));
         }
-        Vm(Arc::new(Inner {
+        Machine(Arc::new(Inner {
             name: node.name.clone(),
             state_dir: state_root.join(format!("vm-state-{}", node.name)),
             node,
@@ -504,10 +509,10 @@ impl Vm {
         let started = Instant::now();
         let name = self.0.name.clone();
         logger().begin_nested(Some(&name), "waiting for the VM to finish booting");
-        let too_late = |vm: &Vm| MachineError::ConnectTimeout {
-            machine: vm.0.name.clone(),
+        let too_late = |m: &Machine| MachineError::ConnectTimeout {
+            machine: m.0.name.clone(),
             timeout,
-            serial: vm.last_serial_lines(20),
+            serial: m.last_serial_lines(20),
         };
         let mut wait = GuestWait::new(self, Phase::Banner { timeout });
         // The VMM connects to our socket as soon as it starts. A VMM whose
@@ -714,22 +719,22 @@ enum Phase<'a> {
 /// when the driver is being stopped or the VMM exits, enforces the
 /// banner's deadline, and says in the log what it still waits for.
 struct GuestWait<'a> {
-    vm: &'a Vm,
+    machine: &'a Machine,
     phase: Phase<'a>,
     last_report: Instant,
 }
 
 impl<'a> GuestWait<'a> {
-    fn new(vm: &'a Vm, phase: Phase<'a>) -> Self {
+    fn new(machine: &'a Machine, phase: Phase<'a>) -> Self {
         GuestWait {
-            vm,
+            machine,
             phase,
             last_report: Instant::now(),
         }
     }
 
     fn log(&self, message: &str) {
-        logger().log(Some(self.vm.name()), message);
+        logger().log(Some(self.machine.name()), message);
     }
 
     /// Logs the streamed output's last line if it had no newline.
@@ -749,7 +754,7 @@ impl Watcher for GuestWait<'_> {
         if interrupted() {
             return Err(Stop::Interrupted);
         }
-        if !self.vm.booted() {
+        if !self.machine.booted() {
             return Err(Stop::VmExited);
         }
         let due = self.last_report.elapsed() >= PROGRESS_EVERY;
@@ -773,7 +778,7 @@ impl Watcher for GuestWait<'_> {
                     *warned = true;
                     self.last_report = Instant::now();
                     logger().warning(
-                        Some(self.vm.name()),
+                        Some(self.machine.name()),
                         &format!(
                             "command `{command}` has not closed its stdout after {} s: it is still running, or a background process it started keeps stdout open (redirect that process's output, e.g. `cmd >/dev/null 2>&1 &`)",
                             STDOUT_WARNING.as_secs()

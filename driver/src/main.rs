@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use description::Description;
-use machine::Vm;
+use machine::Machine;
 use report::logger;
 
 #[derive(Parser)]
@@ -122,12 +122,12 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
         .with_context(|| format!("writing the event log in {}", out_dir.display()))?;
     machine::catch_signals(args.interactive).context("installing signal handlers")?;
     let state = state_root(&desc.name)?;
-    let machines: Vec<(Vm, String)> = desc
+    let machines: Vec<(Machine, String)> = desc
         .nodes
         .values()
         .map(|n| {
             (
-                Vm::new(n.clone(), vmm.clone(), &state, &out_dir),
+                Machine::new(n.clone(), vmm.clone(), &state, &out_dir),
                 n.python_name.clone(),
             )
         })
@@ -153,7 +153,7 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
     // The global timeout stops everything, whatever the script is doing.
     let timeout = args.global_timeout.unwrap_or(desc.global_timeout);
     {
-        let vms: Vec<Vm> = machines.iter().map(|(v, _)| v.clone()).collect();
+        let vms: Vec<Machine> = machines.iter().map(|(v, _)| v.clone()).collect();
         let state = state.clone();
         let keep = args.keep_state;
         std::thread::Builder::new()
@@ -172,7 +172,7 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
             })?;
     }
 
-    let vms: Vec<Vm> = machines.iter().map(|(v, _)| v.clone()).collect();
+    let vms: Vec<Machine> = machines.iter().map(|(v, _)| v.clone()).collect();
     let result = python::run(python::RunSpec {
         test_name: &desc.name,
         script: &desc.script,

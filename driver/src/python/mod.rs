@@ -16,7 +16,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyModule};
 
-use crate::machine::{interrupted, MachineError as RustMachineError, Vm};
+use crate::machine::{interrupted, Machine, MachineError as RustMachineError};
 use crate::report::logger;
 
 /// The Python class, in `test_driver.errors`, of a machine error: one
@@ -65,18 +65,19 @@ fn err(e: RustMachineError) -> PyErr {
     })
 }
 
-/// The Rust side of one machine.
-#[pyclass(frozen, name = "VmCore", module = "_skiff")]
-struct VmCore {
-    vm: Vm,
+/// The Rust side of one machine, as `_skiff.MachineCore` (the `_core` of
+/// a Python `Machine`).
+#[pyclass(frozen, name = "MachineCore", module = "_skiff")]
+struct MachineCore {
+    machine: Machine,
     python_name: String,
 }
 
 #[pymethods]
-impl VmCore {
+impl MachineCore {
     #[getter]
     fn name(&self) -> &str {
-        self.vm.name()
+        self.machine.name()
     }
 
     #[getter]
@@ -86,43 +87,43 @@ impl VmCore {
 
     #[getter]
     fn pid(&self) -> Option<i32> {
-        self.vm.pid()
+        self.machine.pid()
     }
 
     #[getter]
     fn booted(&self) -> bool {
-        self.vm.booted()
+        self.machine.booted()
     }
 
     #[getter]
     fn connected(&self) -> bool {
-        self.vm.connected()
+        self.machine.connected()
     }
 
     #[getter]
     fn state_dir(&self) -> String {
-        self.vm.state_dir().display().to_string()
+        self.machine.state_dir().display().to_string()
     }
 
     #[getter]
     fn last_exit(&self) -> Option<i32> {
-        self.vm.last_exit()
+        self.machine.last_exit()
     }
 
     /// Seconds the shell has spent waiting for the guest.
     #[getter]
     fn guest_wait(&self) -> f64 {
-        self.vm.guest_wait().as_secs_f64()
+        self.machine.guest_wait().as_secs_f64()
     }
 
     fn start(&self, py: Python<'_>, allow_reboot: bool) -> PyResult<i32> {
-        py.detach(|| self.vm.start(allow_reboot)).map_err(err)
+        py.detach(|| self.machine.start(allow_reboot)).map_err(err)
     }
 
     #[pyo3(signature = (timeout=None))]
     fn connect(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<f64> {
         let t = timeout.map(|s| Duration::from_secs_f64(s.max(0.0)));
-        py.detach(|| self.vm.connect(t)).map_err(err)
+        py.detach(|| self.machine.connect(t)).map_err(err)
     }
 
     #[pyo3(signature = (command, check_return=true, check_output=true, timeout=None, stream=false))]
@@ -137,7 +138,7 @@ impl VmCore {
     ) -> PyResult<(i32, Bound<'py, PyBytes>)> {
         let (status, out) = py
             .detach(|| {
-                self.vm
+                self.machine
                     .execute(command, check_return, check_output, timeout, stream)
             })
             .map_err(err)?;
@@ -145,42 +146,42 @@ impl VmCore {
     }
 
     fn send_shell_raw(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        py.detach(|| self.vm.send_shell_raw(data)).map_err(err)
+        py.detach(|| self.machine.send_shell_raw(data)).map_err(err)
     }
 
     fn send_console(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        py.detach(|| self.vm.send_console(data)).map_err(err)
+        py.detach(|| self.machine.send_console(data)).map_err(err)
     }
 
     fn disconnect(&self) {
-        self.vm.disconnect()
+        self.machine.disconnect()
     }
 
     /// Waits for the VMM to end; None on timeout.
     #[pyo3(signature = (timeout=None))]
     fn wait_exit(&self, py: Python<'_>, timeout: Option<f64>) -> Option<i32> {
         let t = timeout.map(|s| Duration::from_secs_f64(s.max(0.0)));
-        py.detach(|| self.vm.wait_exit(t))
+        py.detach(|| self.machine.wait_exit(t))
     }
 
     fn kill(&self) {
-        self.vm.signal(libc::SIGKILL)
+        self.machine.signal(libc::SIGKILL)
     }
 
     fn release(&self, py: Python<'_>) {
-        py.detach(|| self.vm.release())
+        py.detach(|| self.machine.release())
     }
 
     fn take_console_lines(&self) -> Vec<String> {
-        self.vm.take_console_lines()
+        self.machine.take_console_lines()
     }
 
     fn console_log(&self) -> String {
-        self.vm.console_log()
+        self.machine.console_log()
     }
 
     fn __repr__(&self) -> String {
-        format!("<VmCore '{}'>", self.vm.name())
+        format!("<MachineCore '{}'>", self.machine.name())
     }
 }
 
@@ -238,7 +239,7 @@ fn py_interrupted() -> bool {
 /// Builds `_skiff` and registers it in `sys.modules`.
 fn skiff_module(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     let m = PyModule::new(py, "_skiff")?;
-    m.add_class::<VmCore>()?;
+    m.add_class::<MachineCore>()?;
     m.add_function(wrap_pyfunction!(log, &m)?)?;
     m.add_function(wrap_pyfunction!(warning, &m)?)?;
     m.add_function(wrap_pyfunction!(error, &m)?)?;
@@ -406,7 +407,7 @@ pub struct RunSpec<'a> {
     pub state_dir: &'a Path,
     pub interactive: bool,
     /// (machine, pythonized name) in node order.
-    pub machines: Vec<(Vm, String)>,
+    pub machines: Vec<(Machine, String)>,
 }
 
 /// Runs the test script (or the REPL); returns the exit status.
@@ -415,10 +416,18 @@ pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
         skiff_module(py)?;
         install_package(py)?;
         let module = py.import("test_driver.driver")?;
-        let cores: Vec<Py<VmCore>> = spec
+        let cores: Vec<Py<MachineCore>> = spec
             .machines
             .into_iter()
-            .map(|(vm, python_name)| Py::new(py, VmCore { vm, python_name }))
+            .map(|(machine, python_name)| {
+                Py::new(
+                    py,
+                    MachineCore {
+                        machine,
+                        python_name,
+                    },
+                )
+            })
             .collect::<PyResult<_>>()?;
         let kwargs = PyDict::new(py);
         kwargs.set_item("test_name", spec.test_name)?;

@@ -250,7 +250,7 @@ class Machine:
 
     def connect(self) -> None:
         """Waits until the guest's backdoor root shell is up (starting the
-        machine if needed). Every command calls this first."""
+        machine if needed). Every command connects this way first."""
         if self.connected:
             return
         self._core.connect()
@@ -336,7 +336,8 @@ class Machine:
         """
         self._run_polling_conditions()
         self.run_callbacks()
-        self.connect()
+        # The core connects (starting the machine if needed) itself: one
+        # connect, in one place.
         status, out = self._core.execute(
             command, bool(check_return), bool(check_output), _guest_timeout(timeout), bool(stream)
         )

@@ -14,6 +14,8 @@ class ExecuteTest(DriverTestCase):
         self.assertFalse(self.machine.booted)
         self.assertEqual(self.machine.execute("true"), (0, ""))
         self.assertTrue(self.machine.is_up())
+        # Connecting is the core's job, done once.
+        self.assertEqual(self.core.calls, ["connect", "start(False)"])
         self.machine.execute("a", timeout=None)
         self.machine.execute("b", timeout=datetime.timedelta(minutes=2))
         self.machine.execute("c", timeout=2.5, stream=True)

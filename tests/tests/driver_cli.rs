@@ -273,13 +273,22 @@ fn interactive_mode_defines_the_machines_and_starts_none() {
 /// QMP socket (greets, answers every command) after `delay` seconds, then
 /// answers the backdoor on its console with empty output and status 0,
 /// and exits 0 at `poweroff`. With `delay` negative it exits with status 1
-/// after that many seconds instead, without any socket.
+/// after that many seconds instead, without any socket. It reads its flags
+/// in both spellings (`--qmp PATH` and `--qmp=PATH`, as `VmConfig::to_args`
+/// writes them).
 const STUB_VMM: &str = r#"import base64, socket, sys, threading, time
+def arg(name):
+    for i, a in enumerate(sys.argv):
+        if a == name:
+            return sys.argv[i + 1]
+        if a.startswith(name + "="):
+            return a[len(name) + 1:]
+    sys.exit(f"stub skiff-vmm: no {name} in {sys.argv}")
 time.sleep(abs(delay))
 if delay < 0:
     sys.exit(1)
 qmp = socket.socket(socket.AF_UNIX)
-qmp.bind(sys.argv[sys.argv.index("--qmp") + 1])
+qmp.bind(arg("--qmp"))
 qmp.listen(1)
 def serve():
     conn = qmp.accept()[0]
@@ -288,7 +297,7 @@ def serve():
         conn.sendall(b'{"return": {}}\r\n')
 threading.Thread(target=serve, daemon=True).start()
 con = socket.socket(socket.AF_UNIX)
-con.connect(sys.argv[sys.argv.index("--console") + 1].split("=", 1)[1])
+con.connect(arg("--console").split("=", 1)[1])
 con.sendall(b"Spawning backdoor root shell...\n")
 for line in con.makefile("rb"):
     if line.startswith(b"poweroff"):

@@ -10,14 +10,14 @@ use std::sync::Mutex;
 use libfuzzer_sys::fuzz_target;
 use skiff_vmm::control::qmp::Session;
 use skiff_vmm::control::stream::JsonStream;
-use skiff_vmm::control::{hmp, Machine, MachineInfo, RunState};
+use skiff_vmm::control::{hmp, Controls, MachineInfo, RunState};
 
 struct Idle {
     state: Mutex<RunState>,
     info: MachineInfo,
 }
 
-impl Machine for Idle {
+impl Controls for Idle {
     fn run_state(&self) -> RunState {
         *self.state.lock().unwrap()
     }

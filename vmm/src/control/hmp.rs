@@ -6,7 +6,7 @@
 //! monitor socket adds the `(qemu) ` prompt.
 
 use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
-use super::{Machine, RunState};
+use super::{Controls, RunState};
 
 /// The banner a monitor client gets before the first prompt.
 pub fn banner() -> String {
@@ -102,7 +102,7 @@ fn status_line(state: RunState) -> String {
     s
 }
 
-fn info(sub: &str, machine: &dyn Machine) -> String {
+fn info(sub: &str, machine: &dyn Controls) -> String {
     match sub {
         "" => info_help(),
         "status" => status_line(machine.run_state()),
@@ -118,7 +118,7 @@ fn info(sub: &str, machine: &dyn Machine) -> String {
 
 /// Runs one HMP command line and returns its output (possibly empty).
 /// `quit` ends the VM; the caller's connection closes when it exits.
-pub fn execute(line: &str, machine: &dyn Machine) -> String {
+pub fn execute(line: &str, machine: &dyn Controls) -> String {
     let (cmd, rest) = split_command(line);
     let no_args = |name: &str, run: &dyn Fn() -> String| {
         if rest.is_empty() {

@@ -2,8 +2,8 @@
 //! shutdown), QMP events, and the QMP and HMP monitors that drive them.
 //!
 //! The protocol code ([`qmp`], [`hmp`], [`stream`]) is pure: it acts on a
-//! [`Machine`] and never touches KVM, so unit tests drive it with a fake.
-//! [`RunControl`] is the real [`Machine`]: it parks and resumes vCPUs
+//! [`Controls`] and never touches KVM, so unit tests drive it with a fake.
+//! [`RunControl`] is the real [`Controls`]: it parks and resumes vCPUs
 //! through a [`VcpuPause`], presses the ACPI power button, and hands exit
 //! requests to the main thread. [`server`] runs the sockets on a small
 //! tokio runtime of its own.
@@ -252,7 +252,7 @@ pub struct MachineInfo {
 /// What the monitors act on. Every method returns once its effect is
 /// done, and emits the events it causes before returning, so that a
 /// monitor sends them ahead of the command's reply, as QEMU does.
-pub trait Machine: Send + Sync {
+pub trait Controls: Send + Sync {
     /// The current run state.
     fn run_state(&self) -> RunState;
     /// Parks every vCPU (STOP when the VM was running).
@@ -346,7 +346,7 @@ impl RunControl {
     }
 }
 
-impl Machine for RunControl {
+impl Controls for RunControl {
     fn run_state(&self) -> RunState {
         *self.lock()
     }

@@ -1,6 +1,6 @@
 //! The QMP protocol as QEMU 7.2 speaks it: greeting, capabilities
 //! negotiation, request validation with QEMU's error texts, command
-//! dispatch and reply shapes. Pure: it acts on a [`Machine`] and returns
+//! dispatch and reply shapes. Pure: it acts on a [`Controls`] and returns
 //! the lines to send, so it is tested without KVM or sockets.
 
 use serde::Serialize;
@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::json::to_line;
 use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
 use super::stream::Input;
-use super::{hmp, Machine};
+use super::{hmp, Controls};
 
 /// QMP error classes (`qapi/error.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,7 +348,7 @@ impl Session {
     }
 
     /// Handles one input message.
-    pub fn handle(&mut self, input: Input, machine: &dyn Machine) -> Outcome {
+    pub fn handle(&mut self, input: Input, machine: &dyn Controls) -> Outcome {
         let was = self.negotiated;
         let reply = match input {
             Input::Error(desc) => reply(&Err(QmpError::generic(desc)), None),
@@ -370,7 +370,7 @@ impl Session {
     fn execute(
         &mut self,
         req: &Map<String, Value>,
-        machine: &dyn Machine,
+        machine: &dyn Controls,
     ) -> Result<String, QmpError> {
         let name = check_envelope(req)?;
         let empty = Map::new();
@@ -418,7 +418,7 @@ struct StatusInfo {
     running: bool,
 }
 
-fn query_cpus_fast(machine: &dyn Machine) -> Value {
+fn query_cpus_fast(machine: &dyn Controls) -> Value {
     let tids = machine.vcpu_thread_ids();
     let cpus: Vec<Value> = (0..usize::from(machine.info().cpus))
         .map(|i| {
@@ -437,7 +437,7 @@ fn query_cpus_fast(machine: &dyn Machine) -> Value {
 /// query-block's BlockInfo, the members a client can use (QEMU's
 /// BlockDeviceInfo has more, such as throttling and cache settings, which
 /// are given their defaults here).
-fn query_block(machine: &dyn Machine) -> Value {
+fn query_block(machine: &dyn Controls) -> Value {
     let disks: Vec<Value> = machine
         .info()
         .disks
@@ -468,7 +468,7 @@ fn query_block(machine: &dyn Machine) -> Value {
     Value::Array(disks)
 }
 
-fn query_chardev(machine: &dyn Machine) -> Value {
+fn query_chardev(machine: &dyn Controls) -> Value {
     let devs: Vec<Value> = machine
         .info()
         .chardevs
@@ -481,7 +481,7 @@ fn query_chardev(machine: &dyn Machine) -> Value {
 fn run_command(
     name: &str,
     args: &Map<String, Value>,
-    machine: &dyn Machine,
+    machine: &dyn Controls,
 ) -> Result<String, QmpError> {
     let arg_str = |n: &str| args.get(n).and_then(Value::as_str).unwrap_or_default();
     let empty = || "{}".to_owned();
@@ -559,11 +559,11 @@ mod tests {
         Input::Value(serde_json::from_str(text).unwrap())
     }
 
-    fn run(session: &mut Session, m: &dyn Machine, text: &str) -> Value {
+    fn run(session: &mut Session, m: &dyn Controls, text: &str) -> Value {
         serde_json::from_str(&session.handle(input(text), m).reply).unwrap()
     }
 
-    fn negotiated(m: &dyn Machine) -> Session {
+    fn negotiated(m: &dyn Controls) -> Session {
         let mut s = Session::new();
         let out = s.handle(input(r#"{"execute":"qmp_capabilities"}"#), m);
         assert_eq!(out.reply, r#"{"return": {}}"#);

@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::qmp::{greeting, Session};
 use super::stream::JsonStream;
-use super::{hmp, EventHub, Machine};
+use super::{hmp, Controls, EventHub};
 
 /// Longest HMP command line; longer lines are cut (QEMU's readline keeps
 /// a few KiB too).
@@ -89,7 +89,7 @@ impl Server {
 /// Starts serving `sockets` on a new thread.
 pub fn start(
     sockets: Vec<(Protocol, Socket)>,
-    machine: Arc<dyn Machine>,
+    machine: Arc<dyn Controls>,
     events: EventHub,
 ) -> io::Result<Server> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +126,7 @@ pub fn start(
 
 #[derive(Clone)]
 struct Ctx {
-    machine: Arc<dyn Machine>,
+    machine: Arc<dyn Controls>,
     events: EventHub,
     closing: watch::Receiver<bool>,
     // Every connection task holds a clone; when all are gone, the
@@ -136,7 +136,7 @@ struct Ctx {
 
 async fn serve(
     sockets: Vec<(Protocol, Socket)>,
-    machine: Arc<dyn Machine>,
+    machine: Arc<dyn Controls>,
     events: EventHub,
     mut closing: watch::Receiver<bool>,
 ) {
@@ -378,7 +378,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let f = Arc::new(fake());
-        let machine: Arc<dyn Machine> = Arc::new(FakeRef(f.clone()));
+        let machine: Arc<dyn Controls> = Arc::new(FakeRef(f.clone()));
         let server = start(
             vec![
                 (Protocol::Qmp, listen(&dir.join("qmp")).unwrap()),
@@ -398,7 +398,7 @@ mod tests {
     /// Shares the fake between the server and the test.
     struct FakeRef(Arc<super::super::testing::Fake>);
 
-    impl Machine for FakeRef {
+    impl Controls for FakeRef {
         fn run_state(&self) -> super::super::RunState {
             self.0.control.run_state()
         }

@@ -1,17 +1,21 @@
-//! The NixOS backdoor protocol on the guest's hvc0 (spec: nixos-test-driver
-//! §2.2): wait for `Spawning backdoor root shell...`, then send
-//! `timeout T bash -c '<cmd>' | (base64 -w 0; echo)`, read one base64 line,
-//! and ask for `${PIPESTATUS[0]}`.
+//! The driver's connection to the NixOS backdoor shell on the guest's hvc0:
+//! the protocol's bytes come from `skiff-backdoor` (banner, framing, reply
+//! parsing); this module adds the waiting: reads that report progress to a
+//! [`Watcher`] about once a second (so a wait can say what it waits for,
+//! and stop when the VM dies or the run is interrupted), deadlines, and
+//! output streamed while a command runs.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use skiff_backdoor::{
+    after_banner, command_line, decode_output, parse_status, take_line, FrameError,
+};
 use thiserror::Error;
 
-/// The line the guest prints when its root shell is ready.
-pub const BANNER: &[u8] = b"Spawning backdoor root shell...";
+pub use skiff_backdoor::BANNER;
 
 /// How long a command may keep its stdout open before the driver says so.
 pub const STDOUT_WARNING: Duration = Duration::from_secs(10);
@@ -27,30 +31,8 @@ pub enum ShellError {
     Stopped(Stop),
     #[error("no answer from the guest shell within {0} s")]
     NoAnswer(u64),
-    #[error("the guest shell sent output that is not base64 ({0}); something else writes to hvc0")]
-    BadOutput(String),
-    #[error("the guest shell sent {0:?} where an exit status belongs")]
-    BadStatus(String),
-}
-
-/// Single-quotes `s` for bash, as Python's `shlex.quote` does.
-pub fn quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./-_".contains(&b))
-    {
-        return s.to_owned();
-    }
-    format!("'{}'", s.replace('\'', r#"'"'"'"#))
-}
-
-/// The exact line the upstream driver sends for `command`.
-pub fn command_line(command: &str, timeout: Option<u64>) -> String {
-    let prefix = timeout.map(|t| format!("timeout {t}")).unwrap_or_default();
-    format!(
-        "{prefix} bash -c {} | (base64 -w 0; echo)\n",
-        quote(&format!("set -euo pipefail; {command}"))
-    )
+    #[error(transparent)]
+    Frame(#[from] FrameError),
 }
 
 /// Why a [`Watcher`] stopped a wait.
@@ -130,11 +112,7 @@ impl Shell {
     pub fn wait_banner(&mut self, w: &mut dyn Watcher) -> Result<(), ShellError> {
         let start = Instant::now();
         loop {
-            if let Some(pos) = self.buf.windows(BANNER.len()).position(|x| x == BANNER) {
-                let mut end = pos + BANNER.len();
-                while matches!(self.buf.get(end), Some(b'\r' | b'\n')) {
-                    end += 1;
-                }
+            if let Some(end) = after_banner(&self.buf) {
                 self.buf.drain(..end);
                 return Ok(());
             }
@@ -164,9 +142,8 @@ impl Shell {
         let start = Instant::now();
         let mut searched = 0;
         loop {
-            if let Some(i) = self.buf[searched..].iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..searched + i + 1).collect();
-                return Ok(line[..line.len() - 1].to_vec());
+            if let Some(line) = take_line(&mut self.buf, &mut searched) {
+                return Ok(line);
             }
             if let Some(s) = stream.as_deref_mut() {
                 // No newline yet: the buffer holds the line from its start.
@@ -174,7 +151,6 @@ impl Shell {
                     w.output(&chunk);
                 }
             }
-            searched = self.buf.len();
             if !self.fill()? {
                 if let Some((d, secs)) = deadline {
                     if Instant::now() > d {
@@ -208,13 +184,7 @@ impl Shell {
         let deadline = timeout.map(|t| (Instant::now() + Duration::from_secs(t + 60), t + 60));
         let mut decoder = stream.then(Base64Stream::default);
         let line = self.read_line(w, deadline, decoder.as_mut())?;
-        let text = line.trim_ascii();
-        let out = base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map_err(|e| {
-                let shown = String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
-                ShellError::BadOutput(format!("{e}; received {shown:?}"))
-            })?;
+        let out = decode_output(&line)?;
         if let Some(d) = decoder.as_mut() {
             if let Some(rest) = d.finish(&out) {
                 w.output(&rest);
@@ -223,15 +193,14 @@ impl Shell {
         if !check_return {
             return Ok((-1, out));
         }
-        self.stream.write_all(b"echo ${PIPESTATUS[0]}\n")?;
+        self.stream
+            .write_all(skiff_backdoor::Framing::Bash.status_command().as_bytes())?;
         let status_line = self.read_line(
             w,
             Some((Instant::now() + Duration::from_secs(60), 60)),
             None,
         )?;
-        let s = String::from_utf8_lossy(&status_line).trim().to_owned();
-        let status = s.parse().map_err(|_| ShellError::BadStatus(s))?;
-        Ok((status, out))
+        Ok((parse_status(&status_line)?, out))
     }
 }
 
@@ -273,22 +242,6 @@ impl Base64Stream {
 mod tests {
     use super::*;
 
-    #[test]
-    fn framing_matches_upstream() {
-        assert_eq!(
-            command_line("echo 'hi'", Some(900)),
-            "timeout 900 bash -c 'set -euo pipefail; echo '\"'\"'hi'\"'\"'' | (base64 -w 0; echo)\n"
-        );
-        assert_eq!(
-            command_line("true", None),
-            " bash -c 'set -euo pipefail; true' | (base64 -w 0; echo)\n"
-        );
-        assert_eq!(quote("a-b/c.d"), "a-b/c.d");
-        assert_eq!(quote(""), "''");
-        assert_eq!(quote("a b"), "'a b'");
-    }
-
-    /// A watcher's reason to stop reaches the caller as that reason.
     #[test]
     fn a_watcher_stops_the_wait_with_its_reason() {
         struct Give(Stop);

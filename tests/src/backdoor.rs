@@ -1,27 +1,20 @@
-//! A client for the NixOS guest backdoor on hvc0: waits for the banner,
-//! then runs commands with the upstream driver's framing
-//! (`timeout T bash -c '...' | (base64 -w 0; echo)`, then
-//! `echo ${PIPESTATUS[0]}`).
+//! A plain client for the NixOS guest backdoor on hvc0, for the
+//! integration tests: the protocol's bytes come from `skiff-backdoor`
+//! (the test driver's own), and this client adds blocking reads with
+//! deadlines. It runs commands through bash with the upstream framing, or
+//! through a POSIX shell on busybox guests.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-
-/// The banner the guest prints when its root shell is ready.
-pub const BANNER: &str = "Spawning backdoor root shell...";
+use skiff_backdoor::{after_banner, decode_output, parse_status, take_line, Framing};
 
 /// A connected backdoor shell.
 pub struct Backdoor {
     stream: UnixStream,
     buf: Vec<u8>,
-    shell: String,
-}
-
-/// Single-quotes `s` for a POSIX shell (as Python's shlex.quote does).
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r#"'"'"'"#))
+    framing: Framing,
 }
 
 impl Backdoor {
@@ -50,10 +43,16 @@ impl Backdoor {
         let mut b = Backdoor {
             stream,
             buf: Vec::new(),
-            shell: shell.to_owned(),
+            framing: Framing::for_shell(shell),
         };
-        b.wait_for(BANNER.as_bytes(), timeout.saturating_sub(start.elapsed()))?;
-        Ok(b)
+        let deadline = start + timeout;
+        loop {
+            if let Some(end) = after_banner(&b.buf) {
+                b.buf.drain(..end);
+                return Ok(b);
+            }
+            b.fill(Some(deadline))?;
+        }
     }
 
     fn fill(&mut self, deadline: Option<Instant>) -> io::Result<()> {
@@ -78,29 +77,12 @@ impl Backdoor {
         Ok(())
     }
 
-    fn wait_for(&mut self, needle: &[u8], timeout: Duration) -> io::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(pos) = self.buf.windows(needle.len()).position(|w| w == needle) {
-                let mut end = pos + needle.len();
-                if self.buf.get(end) == Some(&b'\n') {
-                    end += 1;
-                }
-                self.buf.drain(..end);
-                return Ok(());
-            }
-            self.fill(Some(deadline))?;
-        }
-    }
-
     fn read_line(&mut self, deadline: Option<Instant>) -> io::Result<Vec<u8>> {
         let mut searched = 0;
         loop {
-            if let Some(i) = self.buf[searched..].iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..searched + i + 1).collect();
-                return Ok(line[..line.len() - 1].to_vec());
+            if let Some(line) = take_line(&mut self.buf, &mut searched) {
+                return Ok(line);
             }
-            searched = self.buf.len();
             self.fill(deadline)?;
         }
     }
@@ -109,54 +91,14 @@ impl Backdoor {
     /// `timeout_s`, the guest's `timeout` kills it after that many seconds
     /// (status 124).
     pub fn execute(&mut self, command: &str, timeout_s: Option<u32>) -> io::Result<(i32, Vec<u8>)> {
-        let prefix = timeout_s
-            .map(|t| format!("timeout {t}"))
-            .unwrap_or_default();
-        let bash = self.shell == "bash";
-        let line = if bash {
-            // Exactly the upstream NixOS driver's framing.
-            format!(
-                "{prefix} bash -c {} | (base64 -w 0; echo)\n",
-                shell_quote(&format!("set -euo pipefail; {command}"))
-            )
-        } else {
-            // POSIX shells have no PIPESTATUS: keep the status in a file.
-            format!(
-                "{{ {prefix} {} -c {}; echo $? > /tmp/.skiff-status; }} | (base64 -w 0; echo)\n",
-                self.shell,
-                shell_quote(&format!("set -eu; {command}"))
-            )
-        };
+        let line = self.framing.command_line(command, timeout_s.map(u64::from));
         self.stream.write_all(line.as_bytes())?;
         let deadline = timeout_s.map(|t| Instant::now() + Duration::from_secs(u64::from(t) + 30));
-        let encoded = self.read_line(deadline)?;
-        let output = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim_ascii())
-            .map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad base64 from the guest: {e}"),
-                )
-            })?;
-        let status_cmd: &[u8] = if bash {
-            b"echo ${PIPESTATUS[0]}\n"
-        } else {
-            b"cat /tmp/.skiff-status\n"
-        };
-        self.stream.write_all(status_cmd)?;
-        let status_line = self.read_line(deadline)?;
-        let status = String::from_utf8_lossy(&status_line)
-            .trim()
-            .parse()
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "bad exit status line {:?}",
-                        String::from_utf8_lossy(&status_line)
-                    ),
-                )
-            })?;
+        let invalid = |e: skiff_backdoor::FrameError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let output = decode_output(&self.read_line(deadline)?).map_err(invalid)?;
+        self.stream
+            .write_all(self.framing.status_command().as_bytes())?;
+        let status = parse_status(&self.read_line(deadline)?).map_err(invalid)?;
         Ok((status, output))
     }
 

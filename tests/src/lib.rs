@@ -290,10 +290,8 @@ impl VmOutcome {
     }
 }
 
-/// Single-quotes `s` for a POSIX shell.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+/// Quotes `s` for a POSIX shell (the backdoor protocol's quoting).
+pub use skiff_backdoor::quote as shell_quote;
 
 /// A scratch directory under target/ for one batch.
 pub fn scratch_dir(label: &str) -> PathBuf {

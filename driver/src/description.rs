@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use skiff_vmm::config::{check_disk, BlockConfig, MAX_CPUS};
+use skiff_vmm::config::{BlockConfig, MAX_CPUS};
 use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use skiff_vmm::VmConfig;
 use thiserror::Error;
@@ -255,7 +255,8 @@ impl Description {
                 if !path.is_file() {
                     return Err(ctx(format!("disk {} does not exist", path.display())));
                 }
-                check_disk(d).map_err(|m| ctx(format!("disk {}: {m}", path.display())))?;
+                d.validate()
+                    .map_err(|e| ctx(format!("disk {}: {e}", path.display())))?;
                 disks.push(BlockConfig { path, ..d.clone() });
             }
             let cpus = u8::try_from(n.cpus)

@@ -29,9 +29,6 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// Most vCPUs a VM may have (APIC ids fit in the MADT's byte fields).
 pub const MAX_CPUS: u8 = 254;
 
-/// Longest serial number (virtio-blk GET_ID) a disk may have.
-pub const MAX_DISK_ID: usize = 20;
-
 /// One `key=value,...` option string, split and checked: every key is one
 /// the option knows, none is given twice, none has an empty value, and a
 /// bare word (no `=`) is one the option allows. A comma inside a value is
@@ -221,8 +218,7 @@ pub fn console_arg(backend: &ConsoleBackend) -> String {
 
 const DISK_USAGE: &str = "path=PATH[,readonly=on][,overlay=on][,id=NAME]";
 
-/// Parses `--disk`. `readonly` and `overlay` exclude each other (an
-/// overlay is writable); the id is at most [`MAX_DISK_ID`] bytes.
+/// Parses `--disk`; the disk's own rules are [`BlockConfig::validate`]'s.
 pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     let o = Options::parse(
         "disk",
@@ -240,24 +236,8 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
         overlay: o.switch("overlay")?,
         id: o.value("id").map(str::to_owned),
     };
-    check_disk(&config)?;
+    config.validate().map_err(|e| e.to_string())?;
     Ok(config)
-}
-
-/// The rules of a disk's options, for configs that do not come from
-/// [`parse_disk`] (test descriptions).
-pub fn check_disk(disk: &BlockConfig) -> Result<(), String> {
-    if disk.readonly && disk.overlay {
-        return Err(
-            "readonly=on and overlay=on exclude each other (an overlay is writable)".into(),
-        );
-    }
-    if let Some(id) = &disk.id {
-        if id.len() > MAX_DISK_ID {
-            return Err(format!("id={id}: at most {MAX_DISK_ID} bytes"));
-        }
-    }
-    Ok(())
 }
 
 /// `--disk`'s value for `disk`.
@@ -607,7 +587,7 @@ mod tests {
                 overlay: !readonly && r.flip(),
                 id: r.flip().then(|| {
                     let mut id = r.text(1);
-                    id.truncate(MAX_DISK_ID);
+                    id.truncate(20);
                     id
                 }),
             });

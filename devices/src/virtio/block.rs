@@ -67,19 +67,48 @@ pub struct BlockConfig {
     #[serde(default)]
     pub readonly: bool,
     /// The image is opened read-only and guest writes go to a private
-    /// copy-on-write layer that disappears with the VM. Ignored when
-    /// `readonly` is set.
+    /// copy-on-write layer that disappears with the VM. Excludes
+    /// `readonly` (an overlay is writable).
     #[serde(default)]
     pub overlay: bool,
-    /// The serial the guest reads with GET_ID (at most 20 bytes are used);
-    /// by default the image's file name.
+    /// The serial the guest reads with GET_ID (at most 20 bytes); by
+    /// default the image's file name.
     #[serde(default)]
     pub id: Option<String>,
+}
+
+/// A [`BlockConfig`] whose options contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockConfigError {
+    /// `readonly` and `overlay` together.
+    #[error("readonly=on and overlay=on exclude each other (an overlay is writable)")]
+    ReadonlyOverlay,
+    /// An id longer than GET_ID returns.
+    #[error("id={0}: at most {ID_BYTES} bytes")]
+    IdTooLong(String),
+}
+
+impl BlockConfig {
+    /// Checks the rules of a disk's options. Every way of making a disk
+    /// (the command line, a test description, [`Block::new`]) goes
+    /// through this one check.
+    pub fn validate(&self) -> Result<(), BlockConfigError> {
+        if self.readonly && self.overlay {
+            return Err(BlockConfigError::ReadonlyOverlay);
+        }
+        match &self.id {
+            Some(id) if id.len() > ID_BYTES => Err(BlockConfigError::IdTooLong(id.clone())),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Why a block device could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The options contradict each other.
+    #[error(transparent)]
+    Config(#[from] BlockConfigError),
     /// The image could not be opened.
     #[error("cannot open disk image {}: {}", .path.display(), os_message(.err))]
     Open {
@@ -292,8 +321,9 @@ impl Block {
     ///
     /// `interrupt_evt` is the eventfd the VMM registers as the irqfd.
     pub fn new(config: &BlockConfig, interrupt_evt: EventFd) -> Result<Block, BlockError> {
+        config.validate()?;
         let path = &config.path;
-        let overlay = config.overlay && !config.readonly;
+        let overlay = config.overlay;
         let writable = !config.readonly && !overlay;
         let (file, file_size) = disk::open_image(path, writable).map_err(|err| match err {
             disk::OpenError::Open(err) => BlockError::Open {

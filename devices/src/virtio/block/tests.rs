@@ -613,6 +613,34 @@ fn config_space_and_identity() {
 }
 
 #[test]
+fn contradicting_options_are_refused_before_the_image_is_opened() {
+    let img = TempImage::new(&[0; 4096]);
+    let both = BlockConfig {
+        readonly: true,
+        overlay: true,
+        ..config(&img)
+    };
+    assert_eq!(both.validate(), Err(BlockConfigError::ReadonlyOverlay));
+    let err = Block::new(&both, EventFd::new(EFD_NONBLOCK).unwrap())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("exclude each other"), "{err}");
+    let long = BlockConfig {
+        id: Some("x".repeat(ID_BYTES + 1)),
+        ..config(&img)
+    };
+    assert!(matches!(
+        long.validate(),
+        Err(BlockConfigError::IdTooLong(_))
+    ));
+    let fits = BlockConfig {
+        id: Some("x".repeat(ID_BYTES)),
+        ..config(&img)
+    };
+    assert_eq!(fits.validate(), Ok(()));
+}
+
+#[test]
 fn open_errors_name_the_file() {
     let cfg = BlockConfig {
         path: PathBuf::from("/nonexistent/skiff/disk.img"),

@@ -165,20 +165,28 @@ pub fn disk_name(index: usize) -> String {
     format!("vd{}", (b'a' + (index % 26) as u8) as char)
 }
 
+/// Maps a device backend's error to [`VmError::Device`] for `device`.
+fn device_err<E>(device: impl Into<String>) -> impl FnOnce(E) -> VmError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let device = device.into();
+    move |e| VmError::Device {
+        device,
+        source: Box::new(e),
+    }
+}
+
 /// Step 1: opens every virtio device's backend, in guest order: disks
 /// (vda, vdb, ...), then the console, then the rng. Returns the devices
 /// and what the monitors report of the disks.
 fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<DiskInfo>), VmError> {
     let irq = || EventFd::new(EFD_NONBLOCK).map_err(setup_err("a device interrupt"));
-    let device_err = |device: String| {
-        move |e: Box<dyn std::error::Error + Send + Sync>| VmError::Device { device, source: e }
-    };
     let mut out = Vec::new();
     let mut disks = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = disk_name(i);
-        let block =
-            Block::new(disk, irq()?).map_err(|e| device_err(format!("disk {name}"))(e.into()))?;
+        let block = Block::new(disk, irq()?).map_err(device_err(format!("disk {name}")))?;
         disks.push(DiskInfo {
             device: name.clone(),
             path: disk.path.display().to_string(),
@@ -194,12 +202,11 @@ fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<Di
                 "--console stdio and --serial stdio would both read stdin: give one of them file=PATH or none",
             ));
         }
-        let dev =
-            Console::new(console, irq()?).map_err(|e| device_err("console".into())(e.into()))?;
+        let dev = Console::new(console, irq()?).map_err(device_err("console"))?;
         out.push(VirtioHandle::new("hvc0", dev));
     }
     if config.rng {
-        let dev = Rng::new(irq()?).map_err(|e| device_err("rng".into())(e.into()))?;
+        let dev = Rng::new(irq()?).map_err(device_err("rng"))?;
         out.push(VirtioHandle::new("rng", dev));
     }
     Ok((out, disks))

@@ -182,7 +182,10 @@ fn read_all_while_running(
         peer.read_exact(&mut got).unwrap();
         (got, peer)
     });
-    dev.run_until(|_| guest.used_idx(TRANSMITQ) == used);
+    // The device runs until the reader has every byte, not just until the
+    // chains are used: a used chain's bytes may still wait in the device
+    // for the socket to drain, and only the running loop sends them.
+    dev.run_until(|_| guest.used_idx(TRANSMITQ) == used && reader.is_finished());
     dev.settle();
     let (got, peer) = reader.join().unwrap();
     assert!(got == expected, "output corrupted");

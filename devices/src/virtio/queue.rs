@@ -18,7 +18,12 @@
 //!   broken, asks for a reset (DEVICE_NEEDS_RESET) and takes nothing more
 //!   until the driver resets it: no panic and no spinning on a bad index;
 //! * a budget: at most a given number of chains per drain, so that one busy
-//!   queue cannot starve the other devices on the event loop.
+//!   queue cannot starve the other devices on the event loop;
+//! * units of several chains (virtio-net's mergeable receive buffers: one
+//!   frame over as many chains as it needs): the chains of a unit reach the
+//!   used ring together, behind one used-index update, so the driver never
+//!   sees a unit in part; a unit the ring runs out for goes back to the
+//!   queue whole. A unit never spans two drains.
 //!
 //! What stays with the device is what differs: how a chain is read or
 //! written, and when to stop early because the backend cannot take or give
@@ -26,8 +31,8 @@
 //! head of the queue for the next drain.
 
 use log::warn;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Activated;
 
@@ -68,8 +73,17 @@ pub enum Handled {
     /// whatever it needs to resume the chain.
     Stop,
     /// The chain is the driver's mistake: it is logged and completed with
-    /// length 0, and draining goes on.
+    /// length 0, and draining goes on. Chains held as parts of the unit in
+    /// progress ([`Handled::Part`]) are completed with length 0 as well:
+    /// the unit is abandoned.
     Malformed(ChainError),
+    /// The chain holds part of a unit that goes on in the next chain, with
+    /// this many bytes written to the guest: it is held, and completed with
+    /// the chain that ends the unit ([`Handled::Used`] or
+    /// [`Handled::UsedAndStop`]). If the handler stops, or the ring runs out
+    /// before the unit ends, the held chains go back to the queue with the
+    /// current one, and the handler starts the unit over on the next drain.
+    Part(u32),
 }
 
 /// Why a drain ended.
@@ -89,6 +103,10 @@ pub enum Drained {
     /// The device is broken (now or before): nothing was or will be taken
     /// until the driver resets it.
     Broken,
+    /// The ring ran out in the middle of a unit ([`Handled::Part`]), whose
+    /// chains went back to the queue, and the driver has published more
+    /// since: drain again (the unit starts over).
+    Retry,
 }
 
 /// Takes chains off queue `index` of `active` and hands each to `handle`
@@ -103,12 +121,15 @@ where
     if active.broken {
         return Drained::Broken;
     }
-    let (used, result) = take_chains(active, index, budget, handle);
-    if used > 0 {
+    let (done, result) = take_chains(active, index, budget, handle);
+    if done.chains > 0 {
         let queue = &mut active.queues[index];
         match queue.needs_notification(&active.mem) {
-            Ok(false) => {}
-            Ok(true) => active.interrupt.signal_used(),
+            Ok(wanted) => {
+                if wanted || done.force_signal {
+                    active.interrupt.signal_used();
+                }
+            }
             Err(e) => {
                 warn!(
                     "{}: cannot read the used event index of queue {index}: {e}; signalling anyway",
@@ -128,68 +149,145 @@ where
 }
 
 /// The loop of [`drain`]: returns how many chains went to the used ring,
-/// and why it ended or what broke the queue.
+/// whether the driver must be signalled whatever its event index says (a
+/// unit of several chains was published at once), and why it ended or what
+/// broke the queue.
 fn take_chains<F>(
     active: &mut Activated,
     index: usize,
     budget: Option<usize>,
     mut handle: F,
-) -> (usize, Result<Drained, String>)
+) -> (Completed, Result<Drained, String>)
 where
     F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> Handled,
 {
     let mem = &active.mem;
     let name = &active.name;
+    let mut done = Completed::default();
     let Some(queue) = active.queues.get_mut(index) else {
-        return (0, Err(format!("the device has no queue {index}")));
+        return (done, Err(format!("the device has no queue {index}")));
     };
-    let mut used = 0usize;
+    // The chains of the unit in progress: (head, bytes written).
+    let mut held: Vec<(u16, u32)> = Vec::new();
     loop {
         if let Err(e) = queue.disable_notification(mem) {
-            return (used, Err(format!("cannot disable notifications: {e}")));
+            return (done, Err(format!("cannot disable notifications: {e}")));
         }
         loop {
-            if budget.is_some_and(|b| used >= b) {
-                return (used, Ok(Drained::Budget));
+            if held.is_empty() && budget.is_some_and(|b| done.chains >= b) {
+                return (done, Ok(Drained::Budget));
             }
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
-                Err(e) => return (used, Err(format!("invalid available ring: {e}"))),
+                Err(e) => return (done, Err(format!("invalid available ring: {e}"))),
             };
             let Some(chain) = chain else {
                 break;
             };
             let head = chain.head_index();
             let (len, stop) = match handle(mem, chain) {
+                Handled::Part(len) => {
+                    held.push((head, len));
+                    continue;
+                }
                 Handled::Used(len) => (len, false),
                 Handled::UsedAndStop(len) => (len, true),
                 Handled::Stop => {
-                    queue.go_to_previous_position();
-                    return (used, Ok(Drained::Stopped));
+                    for _ in 0..=held.len() {
+                        queue.go_to_previous_position();
+                    }
+                    return (done, Ok(Drained::Stopped));
                 }
                 Handled::Malformed(e) => {
                     warn!("{name}: descriptor chain {head} of queue {index} {e}; completed empty");
+                    for part in &mut held {
+                        part.1 = 0;
+                    }
                     (0, false)
                 }
             };
-            if let Err(e) = queue.add_used(mem, head, len) {
-                return (
-                    used,
-                    Err(format!("cannot complete descriptor chain {head}: {e}")),
-                );
+            held.push((head, len));
+            if let Err(e) = complete(queue, mem, &held) {
+                return (done, Err(e));
             }
-            used += 1;
+            done.chains += held.len();
+            done.force_signal |= held.len() > 1;
+            held.clear();
             if stop {
-                return (used, Ok(Drained::Stopped));
+                return (done, Ok(Drained::Stopped));
             }
+        }
+        if !held.is_empty() {
+            // The ring ran out in the middle of a unit: it goes back whole.
+            // Notifications are enabled first, for chains beyond the unit's
+            // (with EVENT_IDX: the driver notifies once it publishes one).
+            let more = queue.enable_notification(mem);
+            for _ in 0..held.len() {
+                queue.go_to_previous_position();
+            }
+            return match more {
+                Ok(true) => (done, Ok(Drained::Retry)),
+                Ok(false) => (done, Ok(Drained::Empty)),
+                Err(e) => (done, Err(format!("cannot enable notifications: {e}"))),
+            };
         }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
-            Ok(false) => return (used, Ok(Drained::Empty)),
-            Err(e) => return (used, Err(format!("cannot enable notifications: {e}"))),
+            Ok(false) => return (done, Ok(Drained::Empty)),
+            Err(e) => return (done, Err(format!("cannot enable notifications: {e}"))),
         }
     }
 }
+
+/// What a drain put in the used ring.
+#[derive(Default)]
+struct Completed {
+    /// Chains completed.
+    chains: usize,
+    /// A unit of several chains was completed: its used-ring entries were
+    /// written behind one index update, which the queue's event-index
+    /// bookkeeping counts as one, so the driver is signalled regardless.
+    force_signal: bool,
+}
+
+/// Puts `chains` (head, length) in the used ring, in order, behind a single
+/// used-index update: all but the last are written into their slots first,
+/// the last goes through the queue's own `add_used`, which publishes the
+/// index (with release ordering) for all of them.
+fn complete(queue: &mut Queue, mem: &GuestMemoryMmap, chains: &[(u16, u32)]) -> Result<(), String> {
+    let Some((&(last_head, last_len), first)) = chains.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    let start = queue.next_used();
+    for (i, &(head, len)) in first.iter().enumerate() {
+        if head >= size {
+            return Err(format!("cannot complete descriptor chain {head}: beyond the queue"));
+        }
+        // i < chains.len() <= the queue size, which fits in u16.
+        let slot = u64::from(start.wrapping_add(i as u16) % size);
+        let addr = queue
+            .used_ring()
+            .checked_add(USED_RING_HEADER + slot * USED_ELEMENT)
+            .map(GuestAddress)
+            .ok_or_else(|| format!("cannot complete descriptor chain {head}: address overflow"))?;
+        // An element is the chain's head index, then its length, both le32.
+        let mut elem = [0u8; USED_ELEMENT as usize];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(|e| format!("cannot complete descriptor chain {head}: {e}"))?;
+    }
+    queue.set_next_used(start.wrapping_add(first.len() as u16));
+    queue
+        .add_used(mem, last_head, last_len)
+        .map_err(|e| format!("cannot complete descriptor chain {last_head}: {e}"))
+}
+
+/// Bytes before the first element of the used ring (flags, index).
+const USED_RING_HEADER: u64 = 4;
+/// Bytes per used-ring element (id, length).
+const USED_ELEMENT: u64 = 8;
 
 #[cfg(test)]
 mod tests {
@@ -350,5 +448,86 @@ mod tests {
             Drained::Broken
         );
         assert!(a.interrupt.needs_reset());
+    }
+
+    #[test]
+    fn the_chains_of_a_unit_are_completed_together() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        for i in 0..4u64 {
+            q.add_chain(&[(0x10_000 + i * 0x1000, 16, W)]);
+        }
+        let mut seen_used_idx = Vec::new();
+        let q_ref = &q;
+        let mut outcomes = [Handled::Part(16), Handled::Part(16), Handled::Used(3)].into_iter();
+        let drained = drain(&mut a, 0, Some(1), |_, _| {
+            // The driver sees nothing of the unit while it is built.
+            seen_used_idx.push(q_ref.used_idx());
+            outcomes.next().unwrap_or(Handled::Used(1))
+        });
+        // The budget of one counts the unit as a whole and is checked
+        // between units only.
+        assert_eq!(drained, Drained::Budget);
+        assert_eq!(seen_used_idx, vec![0, 0, 0]);
+        assert_eq!(q.used(), vec![(0, 16), (1, 16), (2, 3)]);
+        assert_eq!(a.interrupt.eventfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_unit_the_ring_runs_out_for_goes_back_whole() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        q.add_chain(&[(0x10_000, 16, W)]);
+        q.add_chain(&[(0x11_000, 16, W)]);
+        assert_eq!(
+            drain(&mut a, 0, None, |_, _| Handled::Part(16)),
+            Drained::Empty
+        );
+        assert_eq!(q.used_idx(), 0);
+        assert!(a.interrupt.eventfd().read().is_err(), "nothing to signal");
+        // With one more chain the unit fits, from its first chain.
+        q.add_chain(&[(0x12_000, 16, W)]);
+        let mut heads = Vec::new();
+        drain(&mut a, 0, None, |_, chain| {
+            heads.push(chain.head_index());
+            if heads.len() < 3 {
+                Handled::Part(16)
+            } else {
+                Handled::Used(16)
+            }
+        });
+        assert_eq!(heads, vec![0, 1, 2]);
+        assert_eq!(q.used(), vec![(0, 16), (1, 16), (2, 16)]);
+    }
+
+    #[test]
+    fn a_stopped_or_malformed_unit_ends_with_its_parts() {
+        let m = mem();
+        let mut q = TestQueue::new(&m, 0, 16);
+        let mut a = activated(&q, &m);
+        for i in 0..3u64 {
+            q.add_chain(&[(0x10_000 + i * 0x1000, 16, W)]);
+        }
+        let mut outcomes = [Handled::Part(16), Handled::Stop].into_iter();
+        assert_eq!(
+            drain(&mut a, 0, None, |_, _| outcomes.next().unwrap()),
+            Drained::Stopped
+        );
+        assert_eq!(q.used_idx(), 0);
+        let mut outcomes = [
+            Handled::Part(16),
+            Handled::Malformed(ChainError::NoWritable),
+            Handled::Used(7),
+        ]
+        .into_iter();
+        let mut heads = Vec::new();
+        drain(&mut a, 0, None, |_, chain| {
+            heads.push(chain.head_index());
+            outcomes.next().unwrap()
+        });
+        assert_eq!(heads, vec![0, 1, 2]);
+        assert_eq!(q.used(), vec![(0, 0), (1, 0), (2, 7)]);
     }
 }

@@ -6,6 +6,7 @@ mod python;
 mod report;
 mod shell;
 mod suite;
+mod switch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ struct Cli {
 enum Cmd {
     /// Run test descriptions (JSON or TOML) and their Python test scripts.
     Test(TestArgs),
+    /// Run one VLAN switch on a unix socket until SIGINT or SIGTERM, then
+    /// print its counters.
+    Switch(switch::SwitchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -208,11 +212,12 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Cmd::Test(args) = cli.command;
-    let r = if args.descriptions.len() == 1 && args.jobs.is_none() {
-        run_one(&args, &args.descriptions[0])
-    } else {
-        suite::run(&args)
+    let r = match cli.command {
+        Cmd::Test(args) if args.descriptions.len() == 1 && args.jobs.is_none() => {
+            run_one(&args, &args.descriptions[0])
+        }
+        Cmd::Test(args) => suite::run(&args),
+        Cmd::Switch(args) => switch::run_standalone(&args),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -1,10 +1,18 @@
-//! One machine (node) of a test: its `skiff-vmm` process, serial console
-//! and backdoor shell. The Python `Machine` class is built on this.
+//! One machine (node) of a test: its `skiff-vmm` process, serial console,
+//! backdoor shell and QMP connection. The Python `Machine` class is built
+//! on this.
 //!
 //! Names: a `Machine` is the test's node, which outlives any one VMM run;
 //! "VM" means what a `skiff-vmm` process runs. A machine's state (pid,
-//! generation, shell, console) lives here, behind one `Arc`, and every
-//! clone shares it: the serial and wait threads, and Python's core object.
+//! generation, shell, QMP, console, the script's `booted = False`) lives
+//! here and only here, behind one `Arc`, and every clone shares it: the
+//! serial and wait threads, and Python's core object.
+//!
+//! Invariants: every (re)start bumps the generation; a shell or QMP
+//! connection is used only with the generation it was opened for. A start
+//! returns once QMP is negotiated, and after a guest reboot the wait thread
+//! restarts the VMM and reconnects QMP itself. QMP events go to one queue
+//! per machine, emptied at each start but kept across reboot restarts.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -24,11 +32,17 @@ use skiff_vmm::{ExitStatus, VmConfig};
 use thiserror::Error;
 
 use crate::description::ResolvedNode;
+use crate::qmp::{self, QmpError};
 use crate::report::logger;
 use crate::shell::{Shell, ShellError, Stop, Watcher, STDOUT_WARNING};
 
 /// How often a long wait says what it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(15);
+
+/// How long skiff-vmm may take to open its QMP socket and negotiate (it
+/// creates the socket while it starts, which on a loaded host takes
+/// seconds).
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -107,6 +121,21 @@ pub enum MachineError {
         command: String,
         source: ShellError,
     },
+    /// skiff-vmm exited before its QMP socket came up.
+    #[error(
+        "{machine}: skiff-vmm exited before its QMP socket {} came up (status {status}, {}); last serial lines:\n{serial}",
+        socket.display(),
+        exit_meaning(*status)
+    )]
+    ExitedBeforeQmp {
+        machine: String,
+        status: i32,
+        socket: PathBuf,
+        serial: String,
+    },
+    /// A QMP request failed: the connection, or the VMM's error reply.
+    #[error("{machine}: {source}")]
+    Qmp { machine: String, source: QmpError },
 }
 
 impl MachineError {
@@ -121,6 +150,10 @@ impl MachineError {
                 }
                 | MachineError::Command {
                     source: ShellError::Stopped(Stop::Interrupted),
+                    ..
+                }
+                | MachineError::Qmp {
+                    source: QmpError::Stopped(Stop::Interrupted),
                     ..
                 }
         )
@@ -160,6 +193,15 @@ struct ProcState {
     released: bool,
     /// The guest rebooted and a new VMM is being started.
     restarting: bool,
+    /// The script set `booted = False`: [`Machine::booted`] says so until
+    /// the next start or the VMM's exit.
+    marked_down: bool,
+}
+
+/// A QMP connection and the VMM generation it belongs to.
+struct QmpLink {
+    client: Arc<qmp::Client>,
+    generation: u64,
 }
 
 struct Inner {
@@ -174,6 +216,12 @@ struct Inner {
     console: Mutex<Console>,
     /// Connected shell and the VMM generation it belongs to.
     shell: Mutex<Option<(Shell, u64)>>,
+    /// The QMP connection; held only briefly.
+    qmp: Mutex<Option<QmpLink>>,
+    /// Held while a QMP connection is set up, so that one is at a time.
+    qmp_connecting: Mutex<()>,
+    /// The QMP events since the last start, from every connection.
+    events: Arc<qmp::Events>,
 }
 
 /// A machine of the test; cheap to clone (shared state).
@@ -228,6 +276,9 @@ impl Machine {
             exited: Condvar::new(),
             console: Mutex::new(Console::default()),
             shell: Mutex::new(None),
+            qmp: Mutex::new(None),
+            qmp_connecting: Mutex::new(()),
+            events: qmp::Events::new(),
         }))
     }
 
@@ -258,10 +309,24 @@ impl Machine {
         lock(&self.0.proc).pid
     }
 
-    /// Whether a VMM runs.
-    pub fn booted(&self) -> bool {
+    /// Whether a VMM runs (a restart after a guest reboot counts).
+    pub fn running(&self) -> bool {
         let p = lock(&self.0.proc);
         p.pid.is_some() || p.restarting
+    }
+
+    /// Whether the machine counts as booted for the test script: it runs,
+    /// and the script has not said otherwise since the last start.
+    pub fn booted(&self) -> bool {
+        let p = lock(&self.0.proc);
+        (p.pid.is_some() || p.restarting) && !p.marked_down
+    }
+
+    /// What a script's `booted = ...` sets: false makes [`Machine::booted`]
+    /// false until the next start or exit (tests of a shutdown the driver
+    /// cannot see set it to skip the final `sync`); true undoes that.
+    pub fn set_booted(&self, booted: bool) {
+        lock(&self.0.proc).marked_down = !booted;
     }
 
     /// Whether the shell is connected to the current VMM run.
@@ -309,16 +374,19 @@ impl Machine {
             }
         }
         *lock(&self.0.console) = Console::default();
+        self.0.events.clear();
         {
             let mut p = lock(&self.0.proc);
             p.allow_reboot = allow_reboot;
             p.released = false;
+            p.marked_down = false;
         }
         let pid = self.spawn_vmm()?;
         logger().log(
             Some(&self.0.name),
             &format!("skiff-vmm running (pid {pid})"),
         );
+        self.connect_qmp()?;
         Ok(pid)
     }
 
@@ -404,6 +472,9 @@ impl Machine {
             p.stdin = None;
             p.exit = Some(code);
             p.restarting = code == ExitStatus::Reset.code() && p.allow_reboot && !p.released;
+            if !p.restarting {
+                p.marked_down = false;
+            }
             p.restarting
         };
         let name = &self.0.name;
@@ -414,15 +485,31 @@ impl Machine {
                 exit_meaning(code)
             ),
         );
-        if restart {
-            logger().log(Some(name), "the guest rebooted; starting it again");
-            *lock(&self.0.console) = Console::default();
-            if let Err(e) = self.spawn_vmm() {
-                lock(&self.0.proc).restarting = false;
-                logger().error(Some(name), &e.to_string());
-            }
+        if !restart {
+            self.0.exited.notify_all();
+            return;
+        }
+        logger().log(Some(name), "the guest rebooted; starting it again");
+        *lock(&self.0.console) = Console::default();
+        let spawned = self.spawn_vmm();
+        if spawned.is_err() {
+            let mut p = lock(&self.0.proc);
+            p.restarting = false;
+            p.marked_down = false;
         }
         self.0.exited.notify_all();
+        if let Err(e) = spawned {
+            logger().error(Some(name), &e.to_string());
+            return;
+        }
+        // The new VMM's QMP socket, as a start connects it. A failure is
+        // only worth a word while the VMM still runs; the next request
+        // tries again.
+        if let Err(e) = self.connect_qmp() {
+            if self.running() && !e.is_interrupted() {
+                logger().warning(Some(name), &format!("reconnecting QMP: {e}"));
+            }
+        }
     }
 
     fn read_serial(&self, out: impl std::io::Read) {
@@ -456,9 +543,10 @@ impl Machine {
         }
     }
 
-    /// Takes the serial lines not yet consumed.
-    pub fn take_console_lines(&self) -> Vec<String> {
-        lock(&self.0.console).queue.drain(..).collect()
+    /// Takes the oldest serial line not yet consumed (the queue starts
+    /// empty at each start).
+    pub fn take_console_line(&self) -> Option<String> {
+        lock(&self.0.console).queue.pop_front()
     }
 
     /// The serial console since the last start.
@@ -502,7 +590,7 @@ impl Machine {
         if self.connected() {
             return Ok(0.0);
         }
-        if !self.booted() {
+        if !self.running() {
             self.start(false)?;
         }
         let timeout = timeout.unwrap_or(Duration::from_secs(self.0.node.connect_timeout));
@@ -527,7 +615,7 @@ impl Machine {
                 match accepted {
                     Ok((s, _)) => break s,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if !self.booted() {
+                        if !self.running() {
                             return Err(self.died("waiting for its console connection"));
                         }
                         if interrupted() {
@@ -552,8 +640,8 @@ impl Machine {
             match r {
                 Ok(()) => break (shell, lock(&self.0.proc).generation),
                 Err(ShellError::Stopped(Stop::Timeout)) => return Err(too_late(self)),
-                Err(ShellError::Closed) if self.booted() => continue,
-                Err(_) if !self.booted() => {
+                Err(ShellError::Closed) if self.running() => continue,
+                Err(_) if !self.running() => {
                     return Err(self.died("waiting for the guest root shell"))
                 }
                 Err(ShellError::Stopped(Stop::Interrupted)) => {
@@ -611,7 +699,7 @@ impl Machine {
             Err(e) => {
                 *guard = None;
                 drop(guard);
-                if !self.booted()
+                if !self.running()
                     || matches!(e, ShellError::Closed)
                         && self.wait_exit(Some(Duration::from_secs(2))).is_some()
                 {
@@ -689,7 +777,7 @@ impl Machine {
         }
     }
 
-    /// Kills the VMM and forgets the shell; no restart follows.
+    /// Kills the VMM and forgets the shell and QMP; no restart follows.
     pub fn release(&self) {
         lock(&self.0.proc).released = true;
         // A reboot restart may have been under way: kill what runs then.
@@ -700,10 +788,108 @@ impl Machine {
             }
         }
         *lock(&self.0.shell) = None;
+        *lock(&self.0.qmp) = None;
+    }
+
+    /// The QMP connection of the running VMM, if it is open.
+    fn current_qmp(&self) -> Option<Arc<qmp::Client>> {
+        let generation = lock(&self.0.proc).generation;
+        lock(&self.0.qmp)
+            .as_ref()
+            .filter(|l| l.generation == generation && !l.client.ended())
+            .map(|l| l.client.clone())
+    }
+
+    /// Connects QMP to the running VMM unless that is done: waits for its
+    /// socket (a line every 15 s says so) and negotiates.
+    fn connect_qmp(&self) -> Result<Arc<qmp::Client>, MachineError> {
+        let _one = lock(&self.0.qmp_connecting);
+        if let Some(client) = self.current_qmp() {
+            return Ok(client);
+        }
+        if !self.running() {
+            return Err(self.not_running("the machine is not running"));
+        }
+        // A restart while we connect leaves this connection stale, and the
+        // next request connects again.
+        let generation = lock(&self.0.proc).generation;
+        let socket = self.0.state_dir.join("qmp");
+        let mut wait = GuestWait::new(
+            self,
+            Phase::QmpSocket {
+                timeout: QMP_CONNECT_TIMEOUT,
+            },
+        );
+        let client = match qmp::Client::connect(&socket, self.0.events.clone(), &mut wait) {
+            Ok(client) => Arc::new(client),
+            Err(QmpError::Stopped(Stop::VmExited)) => {
+                return Err(MachineError::ExitedBeforeQmp {
+                    machine: self.0.name.clone(),
+                    status: self.last_exit().unwrap_or(-1),
+                    socket,
+                    serial: self.last_serial_lines(20),
+                })
+            }
+            Err(e) => return Err(self.qmp_failed(e)),
+        };
+        *lock(&self.0.qmp) = Some(QmpLink {
+            client: client.clone(),
+            generation,
+        });
+        Ok(client)
+    }
+
+    fn qmp_failed(&self, e: QmpError) -> MachineError {
+        match e {
+            QmpError::Stopped(Stop::Interrupted) => MachineError::Interrupted {
+                machine: self.0.name.clone(),
+            },
+            source => MachineError::Qmp {
+                machine: self.0.name.clone(),
+                source,
+            },
+        }
+    }
+
+    /// Runs QMP `command` with `arguments` on the running VMM and returns
+    /// the reply's `return` value; waits at most `timeout` for it. An
+    /// error reply is [`QmpError::Api`].
+    pub fn qmp(
+        &self,
+        command: &str,
+        arguments: Option<qmp::Object>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, MachineError> {
+        let client = match self.current_qmp() {
+            Some(client) => client,
+            None => self.connect_qmp()?,
+        };
+        let mut wait = GuestWait::new(self, Phase::QmpReply { command, timeout });
+        client
+            .execute(command, arguments, &mut wait)
+            .map_err(|e| self.qmp_failed(e))
+    }
+
+    /// The oldest QMP event since the start not yet taken, waiting at most
+    /// `timeout` for one (None then). Events of a VMM run that ended stay
+    /// until taken. Fails when no VMM runs and none is left.
+    pub fn qmp_event(&self, timeout: Duration) -> Result<Option<qmp::Object>, MachineError> {
+        if !self.running() && self.0.events.idle() {
+            return Err(self.not_running("QMP is not connected"));
+        }
+        let mut wait = GuestWait::new(self, Phase::QmpEvent { timeout });
+        match self.0.events.next(&mut wait) {
+            Ok(event) => Ok(Some(event)),
+            Err(Stop::Timeout) => Ok(None),
+            Err(Stop::Interrupted) => Err(MachineError::Interrupted {
+                machine: self.0.name.clone(),
+            }),
+            Err(Stop::VmExited) => Err(self.died("waiting for a QMP event")),
+        }
     }
 }
 
-/// What a wait on the guest shell is for.
+/// What a wait on the guest or the VMM is for.
 enum Phase<'a> {
     /// The backdoor banner, for at most `timeout`.
     Banner { timeout: Duration },
@@ -713,11 +899,18 @@ enum Phase<'a> {
         warned: bool,
         line: Vec<u8>,
     },
+    /// The QMP socket, its greeting and negotiation, for at most `timeout`.
+    QmpSocket { timeout: Duration },
+    /// The reply to QMP `command`, for at most `timeout`.
+    QmpReply { command: &'a str, timeout: Duration },
+    /// A QMP event, for at most `timeout`.
+    QmpEvent { timeout: Duration },
 }
 
-/// The [`Watcher`] of every wait on the guest shell: it stops the wait
-/// when the driver is being stopped or the VMM exits, enforces the
-/// banner's deadline, and says in the log what it still waits for.
+/// The [`Watcher`] of every wait on the guest shell or the VMM's QMP
+/// socket: it stops the wait when the driver is being stopped or the VMM
+/// exits, enforces the deadlines, and says in the log what it still waits
+/// for.
 struct GuestWait<'a> {
     machine: &'a Machine,
     phase: Phase<'a>,
@@ -754,11 +947,53 @@ impl Watcher for GuestWait<'_> {
         if interrupted() {
             return Err(Stop::Interrupted);
         }
-        if !self.machine.booted() {
+        let due = self.last_report.elapsed() >= PROGRESS_EVERY;
+        match &self.phase {
+            // What the VMM sent before it exited still counts: a reply
+            // wait ends when the socket closes, an event wait when nothing
+            // is left to come.
+            Phase::QmpReply { command, timeout } => {
+                if waited > *timeout {
+                    return Err(Stop::Timeout);
+                }
+                if due {
+                    let text = format!(
+                        "waiting for the reply to QMP command {command} ({:.0}s)",
+                        waited.as_secs_f64()
+                    );
+                    self.last_report = Instant::now();
+                    self.log(&text);
+                }
+                return Ok(());
+            }
+            Phase::QmpEvent { timeout } => {
+                if waited >= *timeout {
+                    return Err(Stop::Timeout);
+                }
+                if !self.machine.running() && self.machine.0.events.idle() {
+                    return Err(Stop::VmExited);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        if !self.machine.running() {
             return Err(Stop::VmExited);
         }
-        let due = self.last_report.elapsed() >= PROGRESS_EVERY;
         match &mut self.phase {
+            Phase::QmpSocket { timeout } => {
+                if waited > *timeout {
+                    return Err(Stop::Timeout);
+                }
+                if due {
+                    self.last_report = Instant::now();
+                    self.log(&format!(
+                        "waiting for skiff-vmm's QMP socket ({:.0}s)",
+                        waited.as_secs_f64()
+                    ));
+                }
+            }
+            Phase::QmpReply { .. } | Phase::QmpEvent { .. } => {}
             Phase::Banner { timeout } => {
                 if waited > *timeout {
                     return Err(Stop::Timeout);

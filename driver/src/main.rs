@@ -3,6 +3,7 @@
 mod description;
 mod machine;
 mod python;
+mod qmp;
 mod report;
 mod shell;
 mod suite;

@@ -52,7 +52,7 @@ pub enum Stop {
 /// What a waiting shell call reports while it waits; returning an error
 /// stops the wait (the VM died, the run is being torn down).
 pub trait Watcher {
-    /// Called about once a second with the time waited so far.
+    /// Called at least once a second with the time waited so far.
     fn tick(&mut self, waited: Duration) -> Result<(), Stop>;
     /// Decoded output that arrived while the command runs.
     fn output(&mut self, _chunk: &[u8]) {}

@@ -12,11 +12,13 @@ use std::ffi::CStr;
 use std::path::Path;
 use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyModule};
+use serde_json::Value;
 
 use crate::machine::{interrupted, Machine, MachineError as RustMachineError};
+use crate::qmp::QmpError;
 use crate::report::logger;
 
 /// The Python class, in `test_driver.errors`, of a machine error: one
@@ -29,16 +31,24 @@ fn error_class(e: &RustMachineError) -> &'static str {
     match e {
         RustMachineError::Host { .. } | RustMachineError::Spawn { .. } => "HostError",
         RustMachineError::NotRunning { .. } => "MachineNotRunning",
-        RustMachineError::Exited { .. } => "MachineExited",
+        RustMachineError::Exited { .. } | RustMachineError::ExitedBeforeQmp { .. } => {
+            "MachineExited"
+        }
         RustMachineError::ConnectTimeout { .. } => "ConnectTimeout",
         RustMachineError::Interrupted { .. } => "DriverInterrupted",
         RustMachineError::Shell { .. } | RustMachineError::Command { .. } => "GuestShellError",
+        RustMachineError::Qmp {
+            source: QmpError::Api { .. },
+            ..
+        } => "QMPAPIError",
+        RustMachineError::Qmp { .. } => "QMPError",
     }
 }
 
 /// A machine error as the Python exception of its kind, with the
-/// machine's name (and the exit status, for `MachineExited`) as
-/// attributes. Falls back to RuntimeError if the package is not loaded.
+/// machine's name as an attribute, and the exit status for
+/// `MachineExited`, the error's class and description for `QMPAPIError`.
+/// Falls back to RuntimeError if the package is not loaded.
 fn err(e: RustMachineError) -> PyErr {
     Python::attach(|py| {
         let message = e.to_string();
@@ -53,16 +63,50 @@ fn err(e: RustMachineError) -> PyErr {
                 | RustMachineError::ConnectTimeout { machine, .. }
                 | RustMachineError::Interrupted { machine }
                 | RustMachineError::Shell { machine, .. }
-                | RustMachineError::Command { machine, .. } => machine,
+                | RustMachineError::Command { machine, .. }
+                | RustMachineError::ExitedBeforeQmp { machine, .. }
+                | RustMachineError::Qmp { machine, .. } => machine,
             };
             value.setattr("machine", machine)?;
-            if let RustMachineError::Exited { status, .. } = &e {
-                value.setattr("status", status)?;
+            match &e {
+                RustMachineError::Exited { status, .. }
+                | RustMachineError::ExitedBeforeQmp { status, .. } => {
+                    value.setattr("status", status)?;
+                }
+                RustMachineError::Qmp {
+                    source: QmpError::Api { class, desc, .. },
+                    ..
+                } => {
+                    value.setattr("class_name", class)?;
+                    value.setattr("description", desc)?;
+                }
+                _ => {}
             }
             Ok(PyErr::from_value(value))
         };
         make().unwrap_or_else(|_| PyRuntimeError::new_err(message.clone()))
     })
+}
+
+/// A Python object as JSON, through Python's own `json` module (what it
+/// cannot encode is its TypeError).
+fn to_json(value: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let text: String = value
+        .py()
+        .import("json")?
+        .call_method1("dumps", (value,))?
+        .extract()?;
+    serde_json::from_str(&text).map_err(|e| PyTypeError::new_err(e.to_string()))
+}
+
+/// JSON as the Python object `json.loads` makes of it.
+fn from_json<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?
+        .call_method1("loads", (value.to_string(),))
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 /// The Rust side of one machine, as `_skiff.MachineCore` (the `_core` of
@@ -90,9 +134,23 @@ impl MachineCore {
         self.machine.pid()
     }
 
+    /// Whether the machine counts as booted for the script: it runs, and
+    /// the script has not set `booted = False` since it started.
     #[getter]
     fn booted(&self) -> bool {
         self.machine.booted()
+    }
+
+    /// What the script's `booted = value` sets; see `booted`.
+    fn set_booted(&self, value: bool) {
+        self.machine.set_booted(value)
+    }
+
+    /// Whether skiff-vmm runs (a restart after a guest reboot counts),
+    /// whatever the script set `booted` to.
+    #[getter]
+    fn running(&self) -> bool {
+        self.machine.running()
     }
 
     #[getter]
@@ -122,7 +180,7 @@ impl MachineCore {
 
     #[pyo3(signature = (timeout=None))]
     fn connect(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<f64> {
-        let t = timeout.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        let t = timeout.map(seconds);
         py.detach(|| self.machine.connect(t)).map_err(err)
     }
 
@@ -160,7 +218,7 @@ impl MachineCore {
     /// Waits for the VMM to end; None on timeout.
     #[pyo3(signature = (timeout=None))]
     fn wait_exit(&self, py: Python<'_>, timeout: Option<f64>) -> Option<i32> {
-        let t = timeout.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        let t = timeout.map(seconds);
         py.detach(|| self.machine.wait_exit(t))
     }
 
@@ -172,8 +230,48 @@ impl MachineCore {
         py.detach(|| self.machine.release())
     }
 
-    fn take_console_lines(&self) -> Vec<String> {
-        self.machine.take_console_lines()
+    /// Runs QMP `command` with `arguments` (a dict, or None) and returns
+    /// the reply's "return" value; waits at most `timeout` seconds for it.
+    /// An error reply raises QMPAPIError, a failed connection QMPError.
+    #[pyo3(signature = (command, arguments=None, timeout=60.0))]
+    fn qmp<'py>(
+        &self,
+        py: Python<'py>,
+        command: &str,
+        arguments: Option<Bound<'py, PyAny>>,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let arguments = match arguments.filter(|a| !a.is_none()) {
+            None => None,
+            Some(a) => match to_json(&a)? {
+                Value::Object(m) => Some(m),
+                _ => {
+                    return Err(PyTypeError::new_err(format!(
+                        "QMP arguments must be a dict, not {}",
+                        a.get_type().name()?
+                    )))
+                }
+            },
+        };
+        let reply = py
+            .detach(|| self.machine.qmp(command, arguments, seconds(timeout)))
+            .map_err(err)?;
+        from_json(py, &reply)
+    }
+
+    /// The oldest QMP event since the start not yet taken, as a dict;
+    /// waits at most `timeout` seconds for one (None then). Raises
+    /// MachineNotRunning when no VMM runs and no event is left.
+    fn qmp_event<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let event = py
+            .detach(|| self.machine.qmp_event(seconds(timeout)))
+            .map_err(err)?;
+        event.map(|e| from_json(py, &Value::Object(e))).transpose()
+    }
+
+    /// The oldest serial line not yet taken (None if there is none).
+    fn take_console_line(&self) -> Option<String> {
+        self.machine.take_console_line()
     }
 
     fn console_log(&self) -> String {
@@ -640,6 +738,44 @@ mod tests {
                 "box: running `true`: the guest shell closed the connection",
             ),
         ];
+        let qmp = |source| RustMachineError::Qmp {
+            machine: m(),
+            source,
+        };
+        let cases = cases.into_iter().chain([
+            (
+                RustMachineError::ExitedBeforeQmp {
+                    machine: m(),
+                    status: 1,
+                    socket: "/run/box/qmp".into(),
+                    serial: String::new(),
+                },
+                "MachineExited",
+                "box: skiff-vmm exited before its QMP socket /run/box/qmp came up (status 1,",
+            ),
+            (
+                qmp(QmpError::Api {
+                    command: "nope".into(),
+                    class: "CommandNotFound".into(),
+                    desc: "The command nope has not been found".into(),
+                }),
+                "QMPAPIError",
+                "box: QMP command nope failed: CommandNotFound: The command nope has not been found",
+            ),
+            (
+                qmp(QmpError::Closed {
+                    command: "quit".into(),
+                    ended: crate::qmp::Ended::Eof,
+                }),
+                "QMPError",
+                "box: QMP command quit got no reply: the VMM closed its QMP socket",
+            ),
+            (
+                qmp(QmpError::Stopped(Stop::Interrupted)),
+                "DriverInterrupted",
+                "box: the driver was interrupted",
+            ),
+        ]);
         setup();
         Python::attach(|py| {
             let base = py
@@ -655,7 +791,34 @@ mod tests {
                 assert!(e.to_string().starts_with(text), "{e}");
                 let machine: String = e.getattr("machine").unwrap().extract().unwrap();
                 assert_eq!(machine, "box");
+                let attr =
+                    |name: &str| -> String { e.getattr(name).unwrap().str().unwrap().to_string() };
+                match class {
+                    "MachineExited" => assert_eq!(attr("status"), "1"),
+                    "QMPAPIError" => {
+                        assert_eq!(attr("class_name"), "CommandNotFound");
+                        assert_eq!(attr("description"), "The command nope has not been found");
+                    }
+                    _ => {}
+                }
             }
+        })
+    }
+
+    /// QMP arguments and replies cross the border as Python objects, by
+    /// way of JSON.
+    #[test]
+    fn json_crosses_the_border() {
+        setup();
+        Python::attach(|py| {
+            let v: Value = serde_json::json!({"a": [1, 2.5, null, true], "b": {"c": "d\u{e9}"}});
+            let obj = from_json(py, &v).unwrap();
+            assert!(obj.is_instance_of::<PyDict>());
+            assert_eq!(to_json(&obj).unwrap(), v);
+            let unencodable = py.eval(c"object()", None, None).unwrap();
+            assert!(to_json(&unencodable)
+                .unwrap_err()
+                .is_instance_of::<PyTypeError>(py));
         })
     }
 }

@@ -8,9 +8,9 @@ defaults, return values, log lines and exception texts (the stable
 
 Invariants:
 - The Rust module `_skiff` owns the machines (the skiff-vmm processes,
-  serial consoles and backdoor shells) and the log; this package only
-  builds the script API on top of it and keeps no machine I/O of its own
-  apart from the QMP client in `qmp`.
+  serial consoles, backdoor shells and QMP connections, and the reboot
+  and reconnect policy) and the log; this package only builds the script
+  API on top of it, with no machine I/O and no machine state of its own.
 - skiff compiles these sources in and serves them to its embedded
   interpreter, so `import test_driver.machine` works in a test script; the
   unit tests in ../tests import them from the source tree with a fake

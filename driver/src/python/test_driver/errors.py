@@ -63,3 +63,13 @@ class DriverInterrupted(MachineError):
 class NotSupported(MachineError):
     """The method needs hardware skiff-vmm does not have yet (a display,
     a keyboard, a network card), or a QEMU start script."""
+
+
+class QMPError(MachineError):
+    """The VMM's QMP socket failed: it did not come up, sent no greeting,
+    closed, or left a command without a reply in time."""
+
+
+class QMPAPIError(MachineError):
+    """The VMM answered a QMP command with an error. `class_name` and
+    `description` are the reply's `class` and `desc`."""

@@ -2,10 +2,14 @@
 
 A Machine is a thin layer over its Rust core (`_skiff`'s machine object):
 the core starts and stops skiff-vmm, reads the serial console, connects
-the backdoor shell and runs commands on it; this class adds the API a
-test script sees (log blocks, retries, systemd helpers, file copies) and
-the QMP client. Every command goes through `execute`, which first checks
-the driver's polling conditions and the machine's callbacks.
+the backdoor shell and runs commands on it, and holds the QMP connection;
+this class adds the API a test script sees (log blocks, retries, systemd
+helpers, file copies). Every command goes through `execute`, which first
+checks the driver's polling conditions and the machine's callbacks.
+
+Invariant: the machine's state (running or not, the script's `booted =
+False`, the shell, QMP, the serial lines not yet waited for) lives in the
+core only; nothing here outlives a method call but configuration.
 
 Also here, as upstream has them here: `retry`, the one-try-per-second
 polling helper behind every `wait_*` method, and the duration helpers
@@ -16,7 +20,6 @@ import base64
 import datetime
 import io
 import os
-import queue
 import re
 import shlex
 import sys
@@ -131,9 +134,9 @@ CHAR_TO_KEY: Dict[str, str] = {}
 class Machine:
     """A VM of the test, with the NixOS driver's Machine API.
 
-    `core` is the Rust side of the machine (process, console, shell);
-    `driver` supplies the output and state directories and the polling
-    conditions.
+    `core` is the Rust side of the machine (process, console, shell,
+    QMP); `driver` supplies the output and state directories and the
+    polling conditions.
     """
 
     def __init__(self, core: Any, driver: "Driver") -> None:
@@ -149,12 +152,10 @@ class Machine:
         self.keep_machine_state: bool = driver.keep_state
         self.start_command: Optional[str] = None
         self.monitor: Optional[Any] = None
-        self.qmp_client: Optional[QMPSession] = None
-        self._qmp_pid: Optional[int] = None
+        # Stateless: it sends through the core, to whichever VMM runs.
+        self.qmp_client = QMPSession(core)
         self.process: Optional[Any] = None
         self.allow_reboot = False
-        self._console_buf = ""
-        self._booted_override: Optional[bool] = None
 
     def __repr__(self) -> str:
         return f"<Machine '{self.name}'>"
@@ -164,14 +165,13 @@ class Machine:
     def booted(self) -> bool:
         """Whether skiff-vmm runs for this machine (a restart after a guest
         reboot counts as running). A script may set it to False, as
-        systemd-shutdown style tests do, to skip the final `sync`."""
-        if self._booted_override is not None:
-            return self._booted_override
+        systemd-shutdown style tests do, to skip the final `sync`; that
+        holds until the machine is started again or skiff-vmm exits."""
         return bool(self._core.booted)
 
     @booted.setter
     def booted(self, value: bool) -> None:
-        self._booted_override = None if value else False
+        self._core.set_booted(bool(value))
 
     @property
     def connected(self) -> bool:
@@ -217,36 +217,13 @@ class Machine:
         """Starts skiff-vmm unless it runs, and returns once its QMP socket
         answers; it does not wait for the guest (the first command does).
         Without `allow_reboot`, a guest reboot ends the VM, as QEMU's
-        `-no-reboot` does; with it, skiff-vmm is started again."""
-        if self._core.booted:
+        `-no-reboot` does; with it, skiff-vmm is started again (and QMP
+        reconnected)."""
+        if self._core.running:
             return
-        self._booted_override = None
-        self._console_buf = ""
         self.allow_reboot = allow_reboot
         self.log("starting vm")
         self._core.start(allow_reboot)
-        self._connect_qmp()
-
-    def _connect_qmp(self) -> None:
-        if self.qmp_client is not None:
-            self.qmp_client.close()
-        # booted stays true while skiff-vmm restarts after a guest reboot;
-        # the new one opens the socket at the same path.
-        self.qmp_client = QMPSession(
-            os.path.join(self.state_dir, "qmp"),
-            alive=lambda: self._core.booted,
-            progress=self.log,
-        )
-        self._qmp_pid = self._core.pid
-
-    def _qmp(self) -> QMPSession:
-        """The QMP session of the running VMM (a new one after a reboot)."""
-        if not self._core.booted:
-            raise MachineNotRunning(f"{self.name}: the machine is not running")
-        if self.qmp_client is None or self._qmp_pid != self._core.pid:
-            self._connect_qmp()
-        assert self.qmp_client is not None
-        return self.qmp_client
 
     def connect(self) -> None:
         """Waits until the guest's backdoor root shell is up (starting the
@@ -259,7 +236,7 @@ class Machine:
         """Waits, without a timeout, until skiff-vmm exits (the guest
         powered off, crashed, or rebooted without `allow_reboot`). A line
         every 15 s says it still waits."""
-        if not self._core.booted:
+        if not self._core.running:
             return
         with self.nested("waiting for the VM to power off"):
             start = time.monotonic()
@@ -267,12 +244,11 @@ class Machine:
                 if _skiff.interrupted():
                     raise DriverInterrupted("the driver was interrupted")
                 self.log(f"waiting for the VM to power off ({time.monotonic() - start:.0f}s)")
-        self._booted_override = None
 
     def shutdown(self) -> None:
         """Powers the guest off (`poweroff` on the backdoor shell) and waits
         for skiff-vmm to exit. Does nothing if the machine is not running."""
-        if not self._core.booted:
+        if not self._core.running:
             return
         self._core.send_shell_raw(b"poweroff\n")
         self.wait_for_shutdown()
@@ -280,11 +256,11 @@ class Machine:
     def crash(self) -> None:
         """Stops the VM at once, as pulling the plug would (QMP `quit`, or
         SIGKILL if QMP fails), and waits for skiff-vmm to exit."""
-        if not self._core.booted:
+        if not self._core.running:
             return
         self.log("forced crash")
         try:
-            self._qmp().send("quit")
+            self.qmp_client.send("quit")
         except MachineError as e:
             self.log(f"QMP quit failed ({e}); killing skiff-vmm")
             self._core.kill()
@@ -302,8 +278,6 @@ class Machine:
         """Kills skiff-vmm and closes QMP; the driver calls this at the end
         of the run."""
         self._core.release()
-        if self.qmp_client is not None:
-            self.qmp_client.close()
 
     # -- commands ------------------------------------------------------
     def _run_polling_conditions(self) -> None:
@@ -560,66 +534,65 @@ class Machine:
         return self._core.console_log()
 
     def wait_for_console_text(self, regex: str, timeout: Optional[Duration] = None) -> None:
-        """Waits until `regex` matches the serial console output since the
-        machine started (text printed before the call counts, unless an
-        earlier call consumed it). Stops at the first match; without
+        """Waits until `regex` matches the serial console lines this call
+        takes, joined without separators. The lines come from a queue that
+        starts empty at each start and that only this method drains, so
+        text printed before the call counts unless an earlier call took
+        it; lines after the matching one stay for the next call. Without
         `timeout` it waits until the VM exits."""
         limit = _seconds(timeout)
         with self.nested(f"waiting for {regex} to appear on console"):
+            console = ""
             start = time.monotonic()
             last_report = start
             while True:
-                lines = self._core.take_console_lines()
-                for i, line in enumerate(lines):
-                    self._console_buf += line
-                    if re.search(regex, self._console_buf):
-                        # What followed the match stays for the next call.
-                        self._console_buf += "".join(lines[i + 1 :])
+                # Read before taking: lines printed before an exit count.
+                exited = not self._core.running
+                line = self._core.take_console_line()
+                if line is not None:
+                    console += line
+                    if re.search(regex, console):
                         return
-                if not lines:
-                    if re.search(regex, self._console_buf):
-                        return
-                    now = time.monotonic()
-                    if limit is not None and now - start >= limit:
-                        raise RequestedAssertionFailed(
-                            f"action timed out after {now - start:.2f} seconds (timeout={timeout})"
-                        )
-                    if _skiff.interrupted():
-                        raise DriverInterrupted("the driver was interrupted")
-                    if not self._core.booted and not self._core.take_console_lines():
-                        raise MachineExited(
-                            f"{self.name}: the VM exited (status {self._core.last_exit}) "
-                            f"while waiting for {regex!r} on the console"
-                        )
-                    if now - last_report >= 15:
-                        last_report = now
-                        self.log(f"waiting for {regex!r} on the console ({now - start:.0f}s)")
-                    time.sleep(0.05)
+                    continue
+                now = time.monotonic()
+                if limit is not None and now - start >= limit:
+                    raise RequestedAssertionFailed(
+                        f"action timed out after {now - start:.2f} seconds (timeout={timeout})"
+                    )
+                if _skiff.interrupted():
+                    raise DriverInterrupted("the driver was interrupted")
+                if exited:
+                    raise MachineExited(
+                        f"{self.name}: the VM exited (status {self._core.last_exit}) "
+                        f"while waiting for {regex!r} on the console"
+                    )
+                if now - last_report >= 15:
+                    last_report = now
+                    self.log(f"waiting for {regex!r} on the console ({now - start:.0f}s)")
+                time.sleep(0.05)
 
     def wait_for_qmp_event(
         self, event_filter: Callable[[Dict[str, Any]], bool], timeout: Duration = 600
     ) -> Dict[str, Any]:
-        """The first QMP event (since the machine started) for which
-        event_filter(event) is true; other events are dropped. Raises
-        `RequestedAssertionFailed` after `timeout` seconds, `RuntimeError`
-        if QMP is not connected."""
-        if self.qmp_client is None:
-            raise RuntimeError("QMP is not connected")
+        """The first QMP event (since the machine started, across reboot
+        restarts) for which event_filter(event) is true; other events are
+        dropped. Raises `RequestedAssertionFailed` after `timeout` seconds,
+        `RuntimeError` if QMP is not connected (the machine does not run
+        and no event is left), `MachineExited` if skiff-vmm exits while
+        no event is left."""
         limit = _seconds(timeout)
         assert limit is not None
         start = time.monotonic()
         while True:
-            left = limit - (time.monotonic() - start)
-            if left <= 0:
+            left = max(0.0, limit - (time.monotonic() - start))
+            try:
+                event = self._core.qmp_event(left)
+            except MachineNotRunning as e:
+                raise RuntimeError("QMP is not connected") from e
+            if event is None:
                 raise RequestedAssertionFailed(
                     f"action timed out after {time.monotonic() - start:.2f} seconds (timeout={timeout})"
                 )
-            try:
-                event = self.qmp_client.events.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                if _skiff.interrupted():
-                    raise DriverInterrupted("the driver was interrupted")
-                continue
             if event_filter(event):
                 return event
 
@@ -722,7 +695,7 @@ class Machine:
         human-monitor-command and returns its output."""
         self._run_polling_conditions()
         with self.nested(f"sending monitor command: {command}"):
-            return self._qmp().send("human-monitor-command", {"command-line": command})
+            return self.qmp_client.send("human-monitor-command", {"command-line": command})
 
     def block(self) -> None:
         """Not available: skiff-vmm has no network card yet."""

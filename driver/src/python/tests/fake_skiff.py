@@ -1,14 +1,18 @@
 """A stand-in for `_skiff`, the Rust module skiff embeds, for unit tests.
 
 It records what the package logs, and `FakeCore` plays one machine's Rust
-core: it "runs" commands by looking up scripted results, keeps the
-booted/connected state the real core keeps, and records every call, so a
-test can check both what a Machine method returns and what it asked the
-core to do. Only the methods and attributes the package uses exist here;
-a new one used by the package shows up as an AttributeError in the tests.
+core: it "runs" commands and QMP commands by looking up scripted results,
+keeps the state the real core keeps (running, booted as the script set
+it, connected, the serial lines not yet taken, the QMP events), and
+records every call, so a test can check both what a Machine method
+returns and what it asked the core to do. Only the methods and attributes
+the package uses exist here; a new one used by the package shows up as an
+AttributeError in the tests.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from test_driver.errors import MachineNotRunning
 
 
 # (kind, message, machine) of every log call, in order.
@@ -69,17 +73,25 @@ def messages(kind: str = "log") -> List[str]:
 Result = Union[Tuple[int, bytes], Callable[[str], Tuple[int, bytes]]]
 
 
+def _monitor(args: Optional[Dict[str, Any]]) -> Any:
+    assert args is not None
+    return f"ran {args['command-line']}"
+
+
 class FakeCore:
     """One machine's core. `results` maps a command to (status, stdout) or
     to a function of the command giving them; other commands succeed with
-    no output."""
+    no output. `qmp_results` maps a QMP command to a function of its
+    arguments giving the "return" value (or raising); other QMP commands
+    return {}."""
 
     def __init__(self, name: str, python_name: Optional[str] = None, state_dir: str = "/nonexistent") -> None:
         self.name = name
         self.python_name = python_name or name.replace("-", "_")
         self.state_dir = state_dir
         self.pid: Optional[int] = None
-        self.booted = False
+        self.running = False
+        self.marked_down = False
         self.connected = False
         self.last_exit: Optional[int] = None
         self.results: Dict[str, Result] = {}
@@ -91,14 +103,28 @@ class FakeCore:
         self.console_lines: List[str] = []
         self.all_lines: List[str] = []
         self.starts = 0
+        self.qmp_results: Dict[str, Callable[[Optional[Dict[str, Any]]], Any]] = {
+            "human-monitor-command": _monitor
+        }
+        # (command, arguments, timeout)
+        self.qmp_sent: List[Tuple[str, Optional[Dict[str, Any]], float]] = []
+        self.events: List[Dict[str, Any]] = []
 
     # What a test does to the machine.
     def exit(self, status: int) -> None:
         """skiff-vmm ends with `status`."""
-        self.booted = False
+        self.running = False
+        self.marked_down = False
         self.connected = False
         self.pid = None
         self.last_exit = status
+
+    def event(self, name: str, **data: Any) -> None:
+        """skiff-vmm sends the QMP event `name`."""
+        event: Dict[str, Any] = {"event": name, "timestamp": {"seconds": 1, "microseconds": 0}}
+        if data:
+            event["data"] = data
+        self.events.append(event)
 
     def serial(self, *lines: str) -> None:
         """The guest prints `lines` on its serial console."""
@@ -110,20 +136,29 @@ class FakeCore:
         return [c[0] for c in self.commands]
 
     # The core's interface, as the package uses it.
+    @property
+    def booted(self) -> bool:
+        return self.running and not self.marked_down
+
+    def set_booted(self, value: bool) -> None:
+        self.marked_down = not value
+
     def start(self, allow_reboot: bool) -> int:
         self.calls.append(f"start({allow_reboot})")
-        if not self.booted:
+        if not self.running:
             self.starts += 1
-            self.booted = True
+            self.running = True
+            self.marked_down = False
             self.pid = 1000 + self.starts
             self.console_lines = []
             self.all_lines = []
+            self.events = []
         assert self.pid is not None
         return self.pid
 
     def connect(self, timeout: Optional[float] = None) -> float:
         self.calls.append("connect")
-        if not self.booted:
+        if not self.running:
             self.start(False)
         self.connected = True
         return 0.0
@@ -160,7 +195,7 @@ class FakeCore:
         self.connected = False
 
     def wait_exit(self, timeout: Optional[float] = None) -> Optional[int]:
-        if self.booted:
+        if self.running:
             return None
         return self.last_exit if self.last_exit is not None else 0
 
@@ -170,37 +205,26 @@ class FakeCore:
 
     def release(self) -> None:
         self.calls.append("release")
-        if self.booted:
+        if self.running:
             self.exit(137)
 
-    def take_console_lines(self) -> List[str]:
-        lines, self.console_lines = self.console_lines, []
-        return lines
+    def qmp(self, command: str, arguments: Optional[Dict[str, Any]] = None, timeout: float = 60.0) -> Any:
+        if not self.running:
+            raise MachineNotRunning(f"{self.name}: the machine is not running")
+        self.qmp_sent.append((command, arguments, timeout))
+        reply = self.qmp_results.get(command)
+        return reply(arguments) if reply is not None else {}
+
+    def qmp_event(self, timeout: float) -> Optional[Dict[str, Any]]:
+        if not self.running and not self.events:
+            raise MachineNotRunning(f"{self.name}: QMP is not connected")
+        return self.events.pop(0) if self.events else None
+
+    def take_console_line(self) -> Optional[str]:
+        return self.console_lines.pop(0) if self.console_lines else None
 
     def console_log(self) -> str:
         return "\n".join(self.all_lines)
-
-
-class FakeQMP:
-    """Stands in for test_driver.qmp.QMPSession: answers every command with
-    an empty return and records it."""
-
-    def __init__(self, path: str, **_: Any) -> None:
-        import queue
-
-        self.path = path
-        self.sent: List[Tuple[str, Any]] = []
-        self.events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
-        self.closed = False
-
-    def send(self, cmd: str, args: Any = None, timeout: float = 60.0) -> Any:
-        self.sent.append((cmd, args))
-        if cmd == "human-monitor-command":
-            return f"ran {args['command-line']}"
-        return {}
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class FakeClock:

@@ -1,9 +1,9 @@
-"""Shared set-up: a Driver over fake cores, with QMP and the clock faked.
+"""Shared set-up: a Driver over fake cores, with the clock faked.
 
 `DriverTestCase` gives each test a fresh `Driver` whose machines run on
-`FakeCore`s, a `FakeQMP` in place of the QMP client, and a `FakeClock` as
-the `time` of test_driver.machine, so that waits and retries finish at
-once while their arithmetic stays real.
+`FakeCore`s (which also play QMP), and a `FakeClock` as the `time` of
+test_driver.machine, so that waits and retries finish at once while their
+arithmetic stays real.
 """
 
 import shutil
@@ -16,7 +16,7 @@ import test_driver.machine as machine_module
 from test_driver.driver import Driver
 from test_driver.machine import Machine
 from tests import fake_skiff
-from tests.fake_skiff import FakeClock, FakeCore, FakeQMP
+from tests.fake_skiff import FakeClock, FakeCore
 
 
 class DriverTestCase(unittest.TestCase):
@@ -28,10 +28,9 @@ class DriverTestCase(unittest.TestCase):
         self.tmp = tempfile.mkdtemp(prefix="skiff-driver-test-")
         self.addCleanup(shutil.rmtree, self.tmp)
         self.clock = FakeClock()
-        for target, value in (("QMPSession", FakeQMP), ("time", self.clock)):
-            patcher = mock.patch.object(machine_module, target, value)
-            patcher.start()
-            self.addCleanup(patcher.stop)
+        patcher = mock.patch.object(machine_module, "time", self.clock)
+        patcher.start()
+        self.addCleanup(patcher.stop)
         self.cores = [FakeCore(n, state_dir=f"{self.tmp}/vm-state-{n}") for n in self.node_names]
         self.driver = self.make_driver(self.script)
         self.machine: Machine = self.driver.machines[0]

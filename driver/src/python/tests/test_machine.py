@@ -4,7 +4,15 @@ the log blocks and error texts the upstream API promises."""
 import datetime
 import unittest
 
-from test_driver.errors import MachineError, MachineExited, NotSupported, RequestedAssertionFailed
+from test_driver.errors import (
+    MachineError,
+    MachineExited,
+    MachineNotRunning,
+    NotSupported,
+    QMPAPIError,
+    RequestedAssertionFailed,
+)
+from test_driver.qmp import QMPAPIError as UpstreamQMPAPIError
 from tests import fake_skiff
 from tests.helpers import DriverTestCase
 
@@ -183,6 +191,18 @@ class WaitingTest(DriverTestCase):
         self.machine.wait_for_console_text("after")
         self.assertEqual(self.machine.get_console_log(), "boot\nRun /init as init process\nafter")
 
+    def test_wait_for_console_text_joins_the_lines_it_takes_and_only_those(self) -> None:
+        self.machine.start()
+        self.core.serial("abc", "def", "ghi")
+        # Lines are joined without a separator, as upstream does.
+        self.machine.wait_for_console_text("cde")
+        # The first call took "abc" and "def": they do not match again.
+        with self.assertRaises(RequestedAssertionFailed):
+            self.machine.wait_for_console_text("abc", timeout=2)
+        self.assertEqual(self.core.console_lines, [])
+        self.core.serial("jkl")
+        self.machine.wait_for_console_text("jkl")
+
     def test_wait_for_console_text_times_out(self) -> None:
         self.machine.start()
         with self.assertRaisesRegex(RequestedAssertionFailed, r"action timed out after 3\.\d\d seconds \(timeout=3\)"):
@@ -197,12 +217,11 @@ class WaitingTest(DriverTestCase):
 
 
 class LifecycleTest(DriverTestCase):
-    def test_start_opens_qmp_and_shutdown_powers_off(self) -> None:
+    def test_start_and_shutdown_power_off(self) -> None:
         self.machine.start(allow_reboot=True)
+        # The core connects QMP as part of its start.
         self.assertEqual(self.core.calls, ["start(True)"])
         self.assertTrue(self.machine.booted)
-        assert self.machine.qmp_client is not None
-        self.assertTrue(self.machine.qmp_client.path.endswith("vm-state-server/qmp"))
         self.machine.start()
         self.assertEqual(self.core.starts, 1)
         self.machine.shutdown()
@@ -210,29 +229,75 @@ class LifecycleTest(DriverTestCase):
         self.assertFalse(self.machine.booted)
         self.machine.shutdown()
 
+    def test_qmp_client_sends_through_the_core(self) -> None:
+        client = self.machine.qmp_client
+        with self.assertRaises(MachineNotRunning):
+            client.send("query-status")
+        self.machine.start()
+        self.core.qmp_results["query-status"] = lambda _: {"status": "running", "running": True}
+        self.assertEqual(client.send("query-status"), {"status": "running", "running": True})
+        client.send("set_link", {"name": "nic", "up": False}, timeout=5)
+        self.assertEqual(
+            self.core.qmp_sent,
+            [("query-status", None, 60.0), ("set_link", {"name": "nic", "up": False}, 5.0)],
+        )
+        # The same client serves the next VMM run.
+        self.core.exit(0)
+        self.machine.start()
+        self.assertIs(self.machine.qmp_client, client)
+        self.assertEqual(client.send("stop"), {})
+
+    def test_qmp_error_replies_raise_qmpapierror(self) -> None:
+        self.assertIs(UpstreamQMPAPIError, QMPAPIError)
+        self.machine.start()
+
+        def refuse(_: object) -> object:
+            raise QMPAPIError("server: QMP command nope failed: CommandNotFound: no")
+
+        self.core.qmp_results["nope"] = refuse
+        with self.assertRaises(QMPAPIError) as cm:
+            self.machine.qmp_client.send("nope")
+        self.assertIsInstance(cm.exception, MachineError)
+
     def test_crash_quits_through_qmp(self) -> None:
         self.machine.start()
-        qmp = self.machine.qmp_client
-        assert qmp is not None
-        real_send = qmp.send
 
-        def send(cmd: str, args: object = None, timeout: float = 60.0) -> object:
-            if cmd == "quit":
-                self.core.exit(0)
-            return real_send(cmd, args, timeout)
+        def quit(_: object) -> object:
+            self.core.exit(0)
+            return {}
 
-        qmp.send = send  # type: ignore[method-assign]
+        self.core.qmp_results["quit"] = quit
         self.machine.crash()
-        self.assertEqual(qmp.sent, [("quit", None)])
+        self.assertEqual([c[0] for c in self.core.qmp_sent], ["quit"])
         self.assertIn("forced crash", fake_skiff.messages())
+        self.assertNotIn("kill", self.core.calls)
         self.assertFalse(self.machine.booted)
 
-    def test_the_booted_override(self) -> None:
+    def test_crash_kills_when_qmp_fails(self) -> None:
+        self.machine.start()
+
+        def broken(_: object) -> object:
+            raise MachineError("server: QMP command quit got no reply")
+
+        self.core.qmp_results["quit"] = broken
+        self.machine.crash()
+        self.assertIn("kill", self.core.calls)
+        self.assertFalse(self.machine.booted)
+
+    def test_the_booted_override_lives_in_the_core(self) -> None:
         self.machine.start()
         self.machine.booted = False
         self.assertFalse(self.machine.booted)
         self.assertFalse(self.machine.is_up())
+        # skiff-vmm still runs: shutdown still powers it off.
+        self.assertTrue(self.core.running)
         self.machine.booted = True
+        self.assertTrue(self.machine.booted)
+        # Forgotten when skiff-vmm exits, and at the next start.
+        self.machine.booted = False
+        self.machine.shutdown()
+        self.assertEqual(self.core.raw, [b"poweroff\n"])
+        self.machine.start()
         self.assertTrue(self.machine.booted)
 
     def test_reboot_disconnects(self) -> None:
@@ -249,10 +314,43 @@ class LifecycleTest(DriverTestCase):
         with self.assertRaisesRegex(RuntimeError, "QMP is not connected"):
             self.machine.wait_for_qmp_event(lambda e: True)
         self.machine.start()
-        assert self.machine.qmp_client is not None
-        self.machine.qmp_client.events.put({"event": "RESUME"})
-        self.machine.qmp_client.events.put({"event": "STOP"})
-        self.assertEqual(self.machine.wait_for_qmp_event(lambda e: e["event"] == "STOP"), {"event": "STOP"})
+        self.core.event("RESUME")
+        self.core.event("STOP")
+        self.core.event("SHUTDOWN", guest=True, reason="guest-shutdown")
+        event = self.machine.wait_for_qmp_event(lambda e: e["event"] == "STOP")
+        self.assertEqual(event["event"], "STOP")
+        # RESUME was dropped on the way; what followed STOP is still there,
+        # also once skiff-vmm has exited.
+        self.core.exit(0)
+        event = self.machine.wait_for_qmp_event(lambda e: True)
+        self.assertEqual(event["data"], {"guest": True, "reason": "guest-shutdown"})
+        with self.assertRaisesRegex(RuntimeError, "QMP is not connected"):
+            self.machine.wait_for_qmp_event(lambda e: True)
+
+    def test_wait_for_qmp_event_times_out(self) -> None:
+        self.machine.start()
+        self.core.event("RESUME")
+        with self.assertRaisesRegex(RequestedAssertionFailed, r"action timed out after 0\.00 seconds \(timeout=5\)"):
+            self.machine.wait_for_qmp_event(lambda e: e["event"] == "STOP", timeout=5)
+        self.assertEqual(self.core.events, [])
+
+    def test_the_machine_keeps_no_machine_state(self) -> None:
+        # Configuration only: whatever changes while a machine runs is the
+        # core's.
+        expected = {
+            "_core", "_driver", "name", "out_dir", "state_dir", "shared_dir", "logger", "callbacks",
+            "keep_vm_state", "keep_machine_state", "start_command", "monitor", "qmp_client",
+            "process", "allow_reboot",
+        }
+        self.machine.start()
+        self.machine.booted = False
+        self.core.serial("x")
+        self.machine.wait_for_console_text("x")
+        self.machine.send_monitor_command("info status")
+        self.core.event("STOP")
+        self.machine.wait_for_qmp_event(lambda e: True)
+        self.machine.shutdown()
+        self.assertEqual(set(vars(self.machine)), expected)
 
     def test_send_console(self) -> None:
         self.machine.send_console("a\n")

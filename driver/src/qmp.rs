@@ -477,8 +477,25 @@ mod tests {
         Deadline(Duration::from_secs(20), 0)
     }
 
-    /// A fresh socket path in a directory of its own.
-    fn socket_path() -> PathBuf {
+    /// A socket path in a directory of its own, removed on drop.
+    struct SocketPath(PathBuf);
+
+    impl std::ops::Deref for SocketPath {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for SocketPath {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn socket_path() -> SocketPath {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "skiff-qmp-test-{}-{}",
@@ -487,7 +504,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join("qmp")
+        SocketPath(dir.join("qmp"))
     }
 
     /// The server's side of one connection.
@@ -748,7 +765,7 @@ mod tests {
             Err(QmpError::Connect {
                 path: p, source, ..
             }) => {
-                assert_eq!(p, path);
+                assert_eq!(p, *path);
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);
             }
             other => panic!("{:?}", other.map(|_| ())),

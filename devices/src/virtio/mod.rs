@@ -16,6 +16,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 #[cfg(test)]
@@ -135,6 +136,9 @@ pub struct Activated {
     /// (DEVICE_NEEDS_RESET): nothing is processed until the driver resets
     /// the device.
     pub broken: bool,
+    /// Malformed chains completed so far (their log lines are
+    /// rate-limited by this count).
+    pub malformed: u64,
 }
 
 impl Activated {
@@ -185,6 +189,7 @@ impl DeviceState {
             interrupt: interrupt.clone(),
             name: name.to_owned(),
             broken: false,
+            malformed: 0,
         });
         Ok(())
     }

@@ -8,8 +8,8 @@
 //!   ring is read once more, so that a chain the driver published in
 //!   between is never missed;
 //! * completion: each chain the handler finished goes to the used ring with
-//!   the length it reports, and a malformed chain is logged and completed
-//!   empty, so the driver gets every buffer back;
+//!   the length it reports, and a malformed chain is logged (rate-limited)
+//!   and completed empty, so the driver gets every buffer back;
 //! * the interrupt: raised once per drain, after the last chain, and only
 //!   when the driver asked for it (EVENT_IDX);
 //! * a broken ring: any error from the ring itself (an available index or a
@@ -57,6 +57,10 @@ pub enum ChainError {
     /// The guest memory behind the chain could not be read.
     #[error("cannot be read ({0})")]
     Read(std::io::Error),
+    /// The chain breaks a rule of the device (a header missing, a buffer
+    /// in the wrong direction, a length out of bounds).
+    #[error("is invalid ({0})")]
+    Invalid(&'static str),
 }
 
 /// What a handler did with one chain.
@@ -163,6 +167,7 @@ where
 {
     let mem = &active.mem;
     let name = &active.name;
+    let malformed = &mut active.malformed;
     let mut done = Completed::default();
     let Some(queue) = active.queues.get_mut(index) else {
         return (done, Err(format!("the device has no queue {index}")));
@@ -199,7 +204,15 @@ where
                     return (done, Ok(Drained::Stopped));
                 }
                 Handled::Malformed(e) => {
-                    warn!("{name}: descriptor chain {head} of queue {index} {e}; completed empty");
+                    *malformed += 1;
+                    // A guest can post bad chains in a loop: the first ten
+                    // are logged, then every power of two.
+                    if *malformed <= 10 || malformed.is_power_of_two() {
+                        warn!(
+                            "{name}: descriptor chain {head} of queue {index} {e}; completed empty \
+                             ({malformed} malformed so far)"
+                        );
+                    }
                     for part in &mut held {
                         part.1 = 0;
                     }
@@ -262,7 +275,9 @@ fn complete(queue: &mut Queue, mem: &GuestMemoryMmap, chains: &[(u16, u32)]) -> 
     let start = queue.next_used();
     for (i, &(head, len)) in first.iter().enumerate() {
         if head >= size {
-            return Err(format!("cannot complete descriptor chain {head}: beyond the queue"));
+            return Err(format!(
+                "cannot complete descriptor chain {head}: beyond the queue"
+            ));
         }
         // i < chains.len() <= the queue size, which fits in u16.
         let slot = u64::from(start.wrapping_add(i as u16) % size);

@@ -1,0 +1,719 @@
+//! virtio-net (device id 1): one network card on a unix stream socket that
+//! speaks QEMU's `-netdev stream` framing (see `net/stream.rs`), usually a
+//! port of Skiff's VLAN switch.
+//!
+//! Queue 0 (receiveq) takes frames from the socket to the guest, queue 1
+//! (transmitq) from the guest to the socket. Features: the MAC address in
+//! config space (`MAC`), the link state (`STATUS`, switched by
+//! [`Net::set_link`], which the guest sees as carrier), mergeable receive
+//! buffers (`MRG_RXBUF`), EVENT_IDX. No checksum or segmentation offload:
+//! every frame is a plain Ethernet frame with a zeroed virtio-net header.
+//!
+//! Flow control never blocks a vCPU or the event loop and loses nothing it
+//! does not count:
+//! * transmit: a chain's frame is copied into the socket's bounded output
+//!   buffer. While that buffer is full the device takes no more chains (the
+//!   guest's queue fills and its driver stops the interface) and resumes on
+//!   EPOLLOUT. With the link down or the peer gone, frames are dropped and
+//!   counted, as a card without a cable drops them.
+//! * receive: frames are read from the socket only while the guest has
+//!   receive buffers; without them the socket is left alone (the peer, a
+//!   switch, queues or drops) until the guest posts more. A frame goes into
+//!   one chain, or with mergeable buffers into as many as it needs, all
+//!   published at once (`Handled::Part`); one too large for a chain without
+//!   mergeable buffers is dropped and counted.
+//!
+//! Every chain is untrusted: a transmit chain shorter than the header, with
+//! a device-writable buffer, or holding more than a frame, and a receive
+//! chain with a device-readable buffer, are completed empty and logged by
+//! the queue core (rate-limited), never a panic. The tests, which drive the
+//! device through a peer socket, are in `net/tests.rs`.
+
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{error, info, warn};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use self::stream::{Io, Stream};
+pub use self::stream::{ETH_HLEN, MAX_FRAME_LEN};
+use super::queue::{drain, ChainError, Drained, Handled};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+
+/// virtio device id of a network card.
+pub const NET_DEVICE_ID: u32 = 1;
+/// Largest size of each queue.
+pub const NET_QUEUE_SIZE: u16 = 256;
+/// The device has a MAC address in config space.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// The driver may merge receive buffers.
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+/// The config space has a link status.
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+/// Link status bit: up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// Bytes of the virtio-net header in front of every frame (virtio 1.x:
+/// always with `num_buffers`).
+pub const NET_HDR_LEN: usize = 12;
+/// How often a lost socket connection is retried.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+/// Most transmit chains taken per event, so that one busy card cannot
+/// starve the other devices on the event loop.
+pub const TX_CHAINS_PER_EVENT: usize = 256;
+/// Most receive chains one frame may take (more means buffers too small
+/// to be a network driver's).
+pub const MAX_RX_CHAINS_PER_FRAME: usize = 64;
+
+const RECEIVEQ: usize = 0;
+const TRANSMITQ: usize = 1;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+// Event data tags.
+const EV_RX_QUEUE: u32 = 0;
+const EV_TX_QUEUE: u32 = 1;
+const EV_SOCKET: u32 = 2;
+const EV_TIMER: u32 = 3;
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+/// Why a MAC address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacAddrError {
+    /// Not six pairs of hex digits separated by colons.
+    #[error(
+        "'{0}' is not a MAC address (expected six pairs of hex digits such as 52:54:00:12:01:01)"
+    )]
+    Syntax(String),
+    /// The group bit is set: a card's own address must be unicast.
+    #[error("'{0}' is a multicast address; a network card needs a unicast one")]
+    Multicast(String),
+}
+
+impl FromStr for MacAddr {
+    type Err = MacAddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || MacAddrError::Syntax(s.to_owned());
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts.next().ok_or_else(syntax)?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(syntax());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| syntax())?;
+        }
+        if parts.next().is_some() {
+            return Err(syntax());
+        }
+        if mac[0] & 1 != 0 {
+            return Err(MacAddrError::Multicast(s.to_owned()));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Where a card's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A unix stream socket with QEMU's `-netdev stream` framing.
+    Stream(PathBuf),
+}
+
+/// One network card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Where its frames go.
+    pub backend: NetBackend,
+    /// Its MAC address.
+    pub mac: MacAddr,
+    /// Its name for QMP `set_link` and log lines (the VMM gives `net0`,
+    /// `net1` ... when none is set).
+    pub id: Option<String>,
+}
+
+/// Why a card could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The stream socket could not be connected.
+    #[error("cannot connect the network socket {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// An eventfd or timerfd could not be created.
+    #[error("cannot create an eventfd or timerfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Frames and bytes counted by a card since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames sent by the guest and passed on.
+    pub tx_frames: u64,
+    /// Their bytes (Ethernet frames, without headers).
+    pub tx_bytes: u64,
+    /// Frames sent by the guest and dropped (link down, peer gone).
+    pub tx_dropped: u64,
+    /// Frames given to the guest.
+    pub rx_frames: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames from the peer dropped (link down, driver not ready, a frame
+    /// too large for the guest's buffers, shorter than a header).
+    pub rx_dropped: u64,
+}
+
+/// Where the frame being received stands, within one drain.
+#[derive(Default)]
+struct RxUnit {
+    /// Bytes of header and frame written so far.
+    written: usize,
+    /// Chains taken so far.
+    chains: usize,
+    /// Where the first chain's `num_buffers` lies (its two bytes may lie
+    /// in two descriptors).
+    num_buffers_at: [Option<GuestAddress>; 2],
+}
+
+/// The virtio network card.
+pub struct Net {
+    name: String,
+    id: String,
+    mac: MacAddr,
+    link_up: bool,
+    stream: Stream,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    timer: TimerFd,
+    timer_armed: bool,
+    state: DeviceState,
+    mergeable: bool,
+    /// No receive buffer left: the socket is not read until the guest
+    /// posts some.
+    rx_stalled: bool,
+    /// The socket fd the event loop watches, and for what.
+    registered: Option<(RawFd, EventSet)>,
+    counters: NetCounters,
+    tx_frame: Vec<u8>,
+}
+
+impl Net {
+    /// A card for `config` that raises its interrupt through
+    /// `interrupt_evt`; connects its socket now.
+    pub fn new(config: &NetConfig, interrupt_evt: EventFd) -> Result<Net, NetError> {
+        let id = config.id.clone().unwrap_or_else(|| "net0".to_owned());
+        let name = format!("virtio-net {id}");
+        let stream = match &config.backend {
+            NetBackend::Stream(path) => {
+                Stream::connect(path, &name).map_err(|source| NetError::Connect {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        };
+        Self::with_stream(stream, id, config.mac, interrupt_evt)
+    }
+
+    /// A card on a connected socket that is not reconnected when lost.
+    #[cfg(test)]
+    fn from_socket(
+        sock: std::os::unix::net::UnixStream,
+        mac: MacAddr,
+        interrupt_evt: EventFd,
+    ) -> Result<Net, NetError> {
+        let stream = Stream::from_socket(sock, "virtio-net test").map_err(NetError::EventFd)?;
+        Self::with_stream(stream, "test".to_owned(), mac, interrupt_evt)
+    }
+
+    fn with_stream(
+        stream: Stream,
+        id: String,
+        mac: MacAddr,
+        interrupt_evt: EventFd,
+    ) -> Result<Net, NetError> {
+        let queue_events = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(NetError::EventFd)?;
+        let timer = TimerFd::new().map_err(|e| NetError::EventFd(e.into()))?;
+        Ok(Net {
+            name: format!("virtio-net {id}"),
+            id,
+            mac,
+            link_up: true,
+            stream,
+            interrupt: Arc::new(Interrupt::new(interrupt_evt)),
+            queue_events,
+            timer,
+            timer_armed: false,
+            state: DeviceState::Inactive,
+            mergeable: false,
+            rx_stalled: false,
+            registered: None,
+            counters: NetCounters::default(),
+            tx_frame: Vec::new(),
+        })
+    }
+
+    /// The card's id (`net0` ...).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.link_up
+    }
+
+    /// Plugs or unplugs the cable: the guest sees the carrier change (a
+    /// config change interrupt), and while down no frame passes either way.
+    pub fn set_link(&mut self, up: bool) {
+        if self.link_up == up {
+            return;
+        }
+        self.link_up = up;
+        info!("{}: link {}", self.name, if up { "up" } else { "down" });
+        if self.state.is_running() {
+            self.interrupt.signal_config();
+        }
+    }
+
+    /// What the card counted so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    fn config_space(&self) -> [u8; 8] {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac.0);
+        let status = if self.link_up {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        config[6..].copy_from_slice(&status.to_le_bytes());
+        config
+    }
+
+    /// Takes guest frames to the socket until the transmit queue is empty,
+    /// the socket pushes back, or the per-event budget is spent.
+    fn process_tx(&mut self) {
+        loop {
+            // Held-back output goes first; while the socket pushes back,
+            // EPOLLOUT brings the device back here.
+            if self.stream.flush() == Io::WouldBlock {
+                return;
+            }
+            let Some(active) = self.state.running() else {
+                return;
+            };
+            let (stream, frame, counters) =
+                (&mut self.stream, &mut self.tx_frame, &mut self.counters);
+            let link_up = self.link_up;
+            let drained = drain(
+                active,
+                TRANSMITQ,
+                Some(TX_CHAINS_PER_EVENT),
+                |mem, chain| {
+                    if let Err(e) = read_tx_frame(mem, chain, frame) {
+                        return Handled::Malformed(e);
+                    }
+                    if !link_up || !stream.connected() {
+                        counters.tx_dropped += 1;
+                        return Handled::Used(0);
+                    }
+                    stream.push(frame);
+                    counters.tx_frames += 1;
+                    counters.tx_bytes += frame.len() as u64;
+                    if stream.output_full() && stream.flush() == Io::WouldBlock {
+                        return Handled::UsedAndStop(0);
+                    }
+                    Handled::Used(0)
+                },
+            );
+            match drained {
+                // The socket pushed back: chains are left, with
+                // notifications off. Once the output is out (now, or on
+                // EPOLLOUT), the queue is taken up again.
+                Drained::Stopped => continue,
+                Drained::Budget => {
+                    // Let other devices run; come back on the next turn.
+                    if let Err(e) = self.queue_events[TRANSMITQ].write(1) {
+                        warn!("{}: cannot re-arm the transmit queue event: {e}", self.name);
+                    }
+                }
+                Drained::Empty | Drained::Retry | Drained::Broken => {}
+            }
+            self.stream.flush();
+            return;
+        }
+    }
+
+    /// Reads the socket once and gives the guest every whole frame read,
+    /// until its receive buffers run out.
+    fn process_rx(&mut self) {
+        if self.rx_stalled {
+            return;
+        }
+        if self.stream.fill() == Io::Disconnected {
+            return;
+        }
+        self.deliver_frames();
+    }
+
+    /// Gives the guest the frames already read, as long as it has buffers;
+    /// drops them while the link is down or the driver is not ready.
+    fn deliver_frames(&mut self) {
+        let running = self.state.is_running();
+        if !running || !self.link_up {
+            while self.stream.frame().is_some() {
+                self.stream.consume();
+                self.counters.rx_dropped += 1;
+            }
+            return;
+        }
+        let mergeable = self.mergeable;
+        loop {
+            let Some(active) = self.state.running() else {
+                return;
+            };
+            let (stream, counters) = (&mut self.stream, &mut self.counters);
+            let mut unit = RxUnit::default();
+            let drained = drain(active, RECEIVEQ, None, |mem, chain| {
+                let handled = receive_into(mem, chain, stream, counters, &mut unit, mergeable);
+                if matches!(handled, Handled::Malformed(_)) {
+                    // The chains of the frame so far are completed empty;
+                    // the frame starts over in the next chain.
+                    unit = RxUnit::default();
+                }
+                handled
+            });
+            match drained {
+                Drained::Retry => continue,
+                Drained::Empty => {
+                    // Out of buffers with frames left: wait for the guest.
+                    if self.stream.frame().is_some() {
+                        self.rx_stalled = true;
+                    }
+                    return;
+                }
+                Drained::Stopped | Drained::Budget | Drained::Broken => return,
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        // Only read an armed timer: a disarmed timerfd's read would block.
+        if matches!(self.timer.is_armed(), Ok(true)) {
+            let _ = self.timer.wait();
+        }
+        self.stream.reconnect();
+    }
+
+    /// Brings the event loop's view of the socket and the timer in line
+    /// with what the card needs now.
+    fn sync_interest(&mut self, ops: &mut EventOps) {
+        let desired = self.stream.fd().and_then(|fd| {
+            let mut set = EventSet::empty();
+            if !self.rx_stalled {
+                set |= EventSet::IN;
+            }
+            if self.stream.pending_output() > 0 {
+                set |= EventSet::OUT;
+            }
+            (!set.is_empty()).then_some((fd, set))
+        });
+        if self.registered != desired {
+            // A lost connection's fd leaves epoll before it is closed.
+            if let Some((fd, set)) = self.registered.take() {
+                if let Err(e) = ops.remove(Events::with_data_raw(fd, EV_SOCKET, set)) {
+                    warn!("{}: cannot stop watching fd {fd}: {e}", self.name);
+                }
+            }
+            if let Some((fd, set)) = desired {
+                match ops.add(Events::with_data_raw(fd, EV_SOCKET, set)) {
+                    Ok(()) => self.registered = desired,
+                    Err(e) => error!("{}: cannot watch the socket: {e}", self.name),
+                }
+            }
+        }
+        self.stream.closing.clear();
+
+        let want_timer = self.stream.wants_reconnect();
+        if want_timer != self.timer_armed {
+            let result = if want_timer {
+                self.timer
+                    .reset(RECONNECT_INTERVAL, Some(RECONNECT_INTERVAL))
+            } else {
+                self.timer.clear()
+            };
+            match result {
+                Ok(()) => self.timer_armed = want_timer,
+                Err(e) => error!("{}: cannot set the reconnect timer: {e}", self.name),
+            }
+        }
+    }
+}
+
+/// Copies the frame of transmit chain `chain` into `frame`, checking the
+/// chain: device-readable buffers only, a header, at most a frame.
+fn read_tx_frame(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &mut Vec<u8>,
+) -> Result<(), ChainError> {
+    if chain.clone().any(|d| d.is_write_only()) {
+        return Err(ChainError::Invalid("a transmit buffer is device-writable"));
+    }
+    let mut reader = chain.reader(mem).map_err(ChainError::Malformed)?;
+    let total = reader.available_bytes();
+    if total < NET_HDR_LEN + ETH_HLEN {
+        return Err(ChainError::Invalid(
+            "shorter than a header and an Ethernet frame header",
+        ));
+    }
+    if total - NET_HDR_LEN > MAX_FRAME_LEN {
+        return Err(ChainError::Invalid("longer than an Ethernet frame"));
+    }
+    // No offload was offered, so the header carries nothing to act on.
+    let mut header = [0u8; NET_HDR_LEN];
+    reader.read_exact(&mut header).map_err(ChainError::Read)?;
+    frame.resize(total - NET_HDR_LEN, 0);
+    reader.read_exact(frame).map_err(ChainError::Read)
+}
+
+/// The receive handler: writes (part of) the next whole frame of `stream`
+/// into `chain`. Without mergeable buffers a frame must fit one chain (one
+/// that does not is dropped, and the chain offered to the next frame);
+/// with them it continues into the next chains, and its first chain's
+/// `num_buffers` is set once it is complete.
+fn receive_into(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    stream: &mut Stream,
+    counters: &mut NetCounters,
+    unit: &mut RxUnit,
+    mergeable: bool,
+) -> Handled {
+    if chain.clone().any(|d| !d.is_write_only()) {
+        return Handled::Malformed(ChainError::Invalid("a receive buffer is device-readable"));
+    }
+    let first = unit.chains == 0;
+    if first {
+        unit.num_buffers_at = locate(&chain, NUM_BUFFERS_OFFSET);
+    }
+    let mut writer = match chain.writer(mem) {
+        Ok(w) => w,
+        Err(e) => return Handled::Malformed(ChainError::Malformed(e)),
+    };
+    let room = writer.available_bytes();
+    // The frame to write: whole ones only; runts, and without mergeable
+    // buffers frames too large for the chain, are dropped.
+    let frame_len = loop {
+        let Some(len) = stream.frame().map(<[u8]>::len) else {
+            return Handled::Stop;
+        };
+        if len >= ETH_HLEN && (mergeable || NET_HDR_LEN + len <= room) {
+            break len;
+        }
+        stream.consume();
+        counters.rx_dropped += 1;
+    };
+    let Some(frame) = stream.frame() else {
+        return Handled::Stop;
+    };
+    if first && room < NET_HDR_LEN {
+        return Handled::Malformed(ChainError::Invalid(
+            "a receive buffer is too small for the header",
+        ));
+    }
+    let total = NET_HDR_LEN + frame_len;
+    let mut wrote = 0usize;
+    if first {
+        let mut header = [0u8; NET_HDR_LEN];
+        header[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
+        if let Err(e) = writer.write_all(&header) {
+            return Handled::Malformed(ChainError::Read(e));
+        }
+        wrote += NET_HDR_LEN;
+        unit.written = NET_HDR_LEN;
+    }
+    let from = unit.written - NET_HDR_LEN;
+    let n = (room - wrote).min(frame_len - from);
+    if let Err(e) = writer.write_all(&frame[from..from + n]) {
+        return Handled::Malformed(ChainError::Read(e));
+    }
+    wrote += n;
+    unit.written += n;
+    unit.chains += 1;
+    // wrote <= room, a chain's length, which fits in u32.
+    let wrote = wrote as u32;
+    if unit.written < total {
+        if unit.chains >= MAX_RX_CHAINS_PER_FRAME {
+            stream.consume();
+            counters.rx_dropped += 1;
+            return Handled::Malformed(ChainError::Invalid(
+                "receive buffers too small: a frame needs too many of them",
+            ));
+        }
+        return Handled::Part(wrote);
+    }
+    if unit.chains > 1 {
+        // unit.chains <= MAX_RX_CHAINS_PER_FRAME, which fits in u16.
+        let count = (unit.chains as u16).to_le_bytes();
+        for (addr, byte) in unit.num_buffers_at.iter().zip(count) {
+            if let Some(addr) = addr {
+                if let Err(e) = mem.write_slice(&[byte], *addr) {
+                    warn!("virtio-net: cannot set num_buffers: {e}");
+                }
+            }
+        }
+    }
+    counters.rx_frames += 1;
+    counters.rx_bytes += frame_len as u64;
+    stream.consume();
+    *unit = RxUnit::default();
+    Handled::Used(wrote)
+}
+
+/// Where bytes `offset` and `offset + 1` of the writable buffers of
+/// `chain` lie in guest memory.
+fn locate(chain: &DescriptorChain<&GuestMemoryMmap>, offset: usize) -> [Option<GuestAddress>; 2] {
+    let mut found = [None, None];
+    let mut start = 0usize;
+    for desc in chain.clone().filter(|d| d.is_write_only()) {
+        let len = desc.len() as usize;
+        for (i, slot) in found.iter_mut().enumerate() {
+            let at = offset + i;
+            if slot.is_none() && at >= start && at < start + len {
+                *slot = desc.addr().checked_add((at - start) as u64);
+            }
+        }
+        start += len;
+        if start > offset + 1 {
+            break;
+        }
+    }
+    found
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        NET_DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[NET_QUEUE_SIZE, NET_QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MRG_RXBUF
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.mergeable = ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        let name = self.name.clone();
+        self.state.activate(ctx, &self.interrupt, &name, 2)?;
+        self.rx_stalled = false;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.state.reset();
+        self.rx_stalled = false;
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fixed = [
+            Events::with_data(&self.queue_events[RECEIVEQ], EV_RX_QUEUE, EventSet::IN),
+            Events::with_data(&self.queue_events[TRANSMITQ], EV_TX_QUEUE, EventSet::IN),
+            Events::with_data(&self.timer, EV_TIMER, EventSet::IN),
+        ];
+        for ev in fixed {
+            if let Err(e) = ops.add(ev) {
+                error!("{}: cannot watch fd {}: {e}", self.name, ev.fd());
+            }
+        }
+        self.sync_interest(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_RX_QUEUE => {
+                // Always drained, so a notify before activation does not
+                // keep the event loop awake.
+                let _ = self.queue_events[RECEIVEQ].read();
+                // New receive buffers: frames read before go first.
+                self.rx_stalled = false;
+                self.deliver_frames();
+            }
+            EV_TX_QUEUE => {
+                let _ = self.queue_events[TRANSMITQ].read();
+                self.process_tx();
+            }
+            EV_SOCKET => {
+                let set = events.event_set();
+                if set.contains(EventSet::OUT) {
+                    self.process_tx();
+                }
+                if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+                    self.process_rx();
+                }
+            }
+            EV_TIMER => self.on_timer(),
+            other => warn!("{}: unexpected event tag {other}", self.name),
+        }
+        self.sync_interest(ops);
+    }
+}

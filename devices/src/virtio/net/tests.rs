@@ -1,0 +1,500 @@
+//! The network card against a peer socket, driven through its queues and
+//! its event loop as the guest and the VMM drive it: frames both ways, with
+//! and without mergeable buffers, back-pressure both ways, the link, a
+//! peer that goes away or sends garbage, and every malformed chain.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::test_utils::{mem, read_guest, Looped, TestQueue, MEM_SIZE, R, W};
+
+const QUEUE_SIZE: u16 = 256;
+const RXQ_ADDR: u64 = 0;
+const TXQ_ADDR: u64 = 0x4000;
+const BUF_BASE: u64 = 0x1_0000;
+/// Longest a test waits for the card (wide: a loaded machine is slow).
+const WAIT: Duration = Duration::from_secs(30);
+const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x01, 0x02]);
+
+struct Setup<'a> {
+    looped: Looped<Net>,
+    peer: UnixStream,
+    mem: &'a GuestMemoryMmap,
+    rx: TestQueue<'a>,
+    tx: TestQueue<'a>,
+    next_buf: u64,
+}
+
+impl<'a> Setup<'a> {
+    /// A card on a socket pair, activated with `features` acked.
+    fn new(mem: &'a GuestMemoryMmap, mergeable: bool) -> Self {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let looped = Looped::new(|irq| Net::from_socket(ours, MAC, irq).unwrap());
+        let rx = TestQueue::new(mem, RXQ_ADDR, QUEUE_SIZE);
+        let tx = TestQueue::new(mem, TXQ_ADDR, QUEUE_SIZE);
+        {
+            let mut dev = looped.lock();
+            let mut features = dev.features();
+            if !mergeable {
+                features &= !VIRTIO_NET_F_MRG_RXBUF;
+            }
+            let queues = vec![rx.queue(), tx.queue()];
+            dev.activate(ActivateContext {
+                mem: mem.clone(),
+                queues,
+                acked_features: features,
+            })
+            .unwrap();
+        }
+        peer.set_read_timeout(Some(WAIT)).unwrap();
+        let mut s = Setup {
+            looped,
+            peer,
+            mem,
+            rx,
+            tx,
+            next_buf: BUF_BASE,
+        };
+        s.settle();
+        s
+    }
+
+    fn alloc(&mut self, len: usize) -> u64 {
+        let addr = self.next_buf;
+        self.next_buf += (len as u64 + 0xfff) & !0xfff;
+        assert!(self.next_buf <= MEM_SIZE as u64);
+        addr
+    }
+
+    fn settle(&mut self) {
+        self.looped.settle();
+    }
+
+    /// The guest sends `frame` (with a zero header) as one chain of two
+    /// descriptors, header and frame.
+    fn send(&mut self, frame: &[u8]) {
+        let hdr = self.alloc(NET_HDR_LEN);
+        let body = self.alloc(frame.len());
+        self.mem.write_slice(frame, GuestAddress(body)).unwrap();
+        self.tx
+            .add_chain(&[(hdr, NET_HDR_LEN as u32, R), (body, frame.len() as u32, R)]);
+    }
+
+    fn kick_tx(&mut self) {
+        self.looped.kick(TRANSMITQ);
+        self.settle();
+    }
+
+    /// The guest posts a receive buffer of `len` bytes; returns its address.
+    fn post(&mut self, len: usize) -> u64 {
+        let addr = self.alloc(len);
+        self.rx.add_chain(&[(addr, len as u32, W)]);
+        addr
+    }
+
+    fn kick_rx(&mut self) {
+        self.looped.kick(RECEIVEQ);
+        self.settle();
+    }
+
+    /// The peer sends `frame`, framed.
+    fn peer_send(&mut self, frame: &[u8]) {
+        self.peer
+            .write_all(&(frame.len() as u32).to_be_bytes())
+            .unwrap();
+        self.peer.write_all(frame).unwrap();
+    }
+
+    /// The next frame the peer receives.
+    fn peer_recv(&mut self) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        self.peer.read_exact(&mut len).unwrap();
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.peer.read_exact(&mut frame).unwrap();
+        frame
+    }
+
+    /// Runs the event loop until `done` holds (the socket is read on its
+    /// own readiness, which takes a turn or two of the loop).
+    fn run_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out");
+            self.looped.em.run_with_timeout(10).unwrap();
+        }
+    }
+
+    fn counters(&self) -> NetCounters {
+        self.looped.lock().counters()
+    }
+
+    fn peer_has_nothing(&mut self) -> bool {
+        self.peer.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let nothing =
+            matches!(self.peer.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        self.peer.set_nonblocking(false).unwrap();
+        nothing
+    }
+}
+
+/// An Ethernet frame of `len` bytes whose bytes say `tag` and their index.
+fn frame(len: usize, tag: u8) -> Vec<u8> {
+    (0..len).map(|i| tag ^ (i as u8)).collect()
+}
+
+#[test]
+fn identity_and_config_space() {
+    let m = mem();
+    let s = Setup::new(&m, true);
+    let dev = s.looped.lock();
+    assert_eq!(dev.device_type(), 1);
+    assert_eq!(dev.queue_max_sizes(), &[256, 256]);
+    let f = dev.features();
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_F_MRG_RXBUF,
+    ] {
+        assert_ne!(f & bit, 0);
+    }
+    let mut config = [0u8; 8];
+    dev.read_config(0, &mut config);
+    assert_eq!(&config[..6], &MAC.0);
+    assert_eq!(
+        u16::from_le_bytes([config[6], config[7]]),
+        VIRTIO_NET_S_LINK_UP
+    );
+    // Reads past the end are zeros, never a panic.
+    let mut beyond = [0xffu8; 4];
+    dev.read_config(u64::MAX - 1, &mut beyond);
+    assert_eq!(beyond, [0; 4]);
+}
+
+#[test]
+fn mac_addresses_parse_and_print() {
+    let mac: MacAddr = "52:54:00:12:01:0A".parse().unwrap();
+    assert_eq!(mac.0, [0x52, 0x54, 0, 0x12, 1, 0x0a]);
+    assert_eq!(mac.to_string(), "52:54:00:12:01:0a");
+    for bad in [
+        "",
+        "52:54:00:12:01",
+        "52:54:00:12:01:02:03",
+        "52-54-00-12-01-02",
+        "5:54:00:12:01:02",
+        "52:54:00:12:01:0g",
+        "+2:54:00:12:01:02",
+    ] {
+        assert!(
+            matches!(bad.parse::<MacAddr>(), Err(MacAddrError::Syntax(_))),
+            "{bad}"
+        );
+    }
+    assert!(matches!(
+        "01:00:5e:00:00:01".parse::<MacAddr>(),
+        Err(MacAddrError::Multicast(_))
+    ));
+}
+
+#[test]
+fn guest_frames_reach_the_peer_without_their_header() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let a = frame(60, 1);
+    let b = frame(1514, 2);
+    s.send(&a);
+    s.send(&b);
+    s.kick_tx();
+    assert_eq!(s.peer_recv(), a);
+    assert_eq!(s.peer_recv(), b);
+    assert_eq!(s.tx.used(), vec![(0, 0), (2, 0)], "(head, length)");
+    let c = s.counters();
+    assert_eq!((c.tx_frames, c.tx_bytes, c.tx_dropped), (2, 60 + 1514, 0));
+}
+
+#[test]
+fn malformed_transmit_chains_are_completed_empty_and_nothing_is_sent() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let buf = s.alloc(0x20000);
+    // Shorter than a header and an Ethernet header.
+    s.tx.add_chain(&[(buf, (NET_HDR_LEN + ETH_HLEN - 1) as u32, R)]);
+    // A device-writable buffer in a transmit chain.
+    s.tx.add_chain(&[(buf, 64, R), (buf + 64, 64, W)]);
+    // Longer than a frame.
+    s.tx.add_chain(&[(buf, (NET_HDR_LEN + MAX_FRAME_LEN + 1) as u32, R)]);
+    // Outside guest memory, and straddling its end.
+    s.tx.add_chain(&[(0xffff_0000_0000, 64, R)]);
+    s.tx.add_chain(&[(MEM_SIZE as u64 - 16, 64, R)]);
+    // A good one after them.
+    let good = frame(100, 3);
+    s.send(&good);
+    s.kick_tx();
+    assert_eq!(s.peer_recv(), good);
+    assert!(s.peer_has_nothing());
+    let used = s.tx.used();
+    assert_eq!(used.len(), 6);
+    assert!(used.iter().all(|&(_, len)| len == 0));
+    assert!(!s.looped.lock().interrupt().needs_reset());
+    assert_eq!(s.counters().tx_frames, 1);
+}
+
+#[test]
+fn peer_frames_reach_the_guest_in_one_buffer_each() {
+    let m = mem();
+    let mut s = Setup::new(&m, false);
+    let bufs: Vec<u64> = (0..2).map(|_| s.post(1526)).collect();
+    s.kick_rx();
+    let a = frame(60, 4);
+    let b = frame(1514, 5);
+    s.peer_send(&a);
+    s.peer_send(&b);
+    s.run_until(|s| s.rx.used_idx() == 2);
+    assert_eq!(s.rx.used(), vec![(0, 72), (1, 1526)]);
+    for (addr, f) in bufs.iter().zip([&a, &b]) {
+        let hdr = read_guest(&m, *addr, NET_HDR_LEN);
+        assert_eq!(&hdr[..10], &[0; 10]);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
+        assert_eq!(read_guest(&m, addr + NET_HDR_LEN as u64, f.len()), **f);
+    }
+    let c = s.counters();
+    assert_eq!((c.rx_frames, c.rx_bytes, c.rx_dropped), (2, 60 + 1514, 0));
+}
+
+#[test]
+fn a_frame_spreads_over_mergeable_buffers_published_together() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let bufs: Vec<u64> = (0..4).map(|_| s.post(1024)).collect();
+    s.kick_rx();
+    let big = frame(3000, 6);
+    let small = frame(100, 7);
+    s.peer_send(&big);
+    s.peer_send(&small);
+    s.run_until(|s| s.rx.used_idx() == 4);
+    // 12 + 3000 bytes over three buffers, then the small frame in the last.
+    assert_eq!(s.rx.used(), vec![(0, 1024), (1, 1024), (2, 964), (3, 112)]);
+    let hdr = read_guest(&m, bufs[0], NET_HDR_LEN);
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 3, "num_buffers");
+    let mut got = read_guest(&m, bufs[0] + NET_HDR_LEN as u64, 1024 - NET_HDR_LEN);
+    got.extend(read_guest(&m, bufs[1], 1024));
+    got.extend(read_guest(&m, bufs[2], 964));
+    assert_eq!(got, big);
+    let hdr = read_guest(&m, bufs[3], NET_HDR_LEN);
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1);
+    assert_eq!(read_guest(&m, bufs[3] + NET_HDR_LEN as u64, 100), small);
+}
+
+#[test]
+fn a_frame_waits_whole_until_the_guest_has_buffers_enough() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    s.post(1024);
+    s.kick_rx();
+    let big = frame(2000, 8);
+    s.peer_send(&big);
+    // Two turns of the loop: the frame is read and does not fit.
+    for _ in 0..3 {
+        s.looped.em.run_with_timeout(50).unwrap();
+    }
+    assert_eq!(s.rx.used_idx(), 0, "no part of a frame is published");
+    let more = s.post(1024);
+    s.kick_rx();
+    s.run_until(|s| s.rx.used_idx() == 2);
+    assert_eq!(s.rx.used(), vec![(0, 1024), (1, 2000 + 12 - 1024)]);
+    assert_eq!(read_guest(&m, more, 988), big[1012..]);
+}
+
+#[test]
+fn without_mergeable_buffers_a_frame_too_large_is_dropped() {
+    let m = mem();
+    let mut s = Setup::new(&m, false);
+    let buf = s.post(1526);
+    s.kick_rx();
+    s.peer_send(&frame(4000, 9));
+    // A runt, shorter than an Ethernet header, is dropped too.
+    s.peer_send(&frame(10, 9));
+    let ok = frame(200, 10);
+    s.peer_send(&ok);
+    s.run_until(|s| s.rx.used_idx() == 1);
+    assert_eq!(s.rx.used(), vec![(0, 212)]);
+    assert_eq!(read_guest(&m, buf + NET_HDR_LEN as u64, 200), ok);
+    assert_eq!(s.counters().rx_dropped, 2);
+}
+
+#[test]
+fn frames_wait_in_order_while_the_guest_has_no_buffers() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let frames: Vec<Vec<u8>> = (0..20).map(|i| frame(60 + i * 50, i as u8)).collect();
+    for f in &frames {
+        s.peer_send(f);
+    }
+    for _ in 0..3 {
+        s.looped.em.run_with_timeout(50).unwrap();
+    }
+    assert_eq!(s.rx.used_idx(), 0);
+    let mut bufs = Vec::new();
+    for round in 0..2 {
+        for _ in 0..10 {
+            bufs.push(s.post(2048));
+        }
+        s.kick_rx();
+        s.run_until(|s| s.rx.used_idx() == 10 * (round + 1));
+    }
+    for (buf, f) in bufs.iter().zip(&frames) {
+        assert_eq!(read_guest(&m, buf + NET_HDR_LEN as u64, f.len()), *f);
+    }
+    assert_eq!(s.counters().rx_dropped, 0);
+}
+
+#[test]
+fn a_device_readable_receive_buffer_is_completed_empty() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let bad = s.alloc(2048);
+    s.rx.add_chain(&[(bad, 1024, W), (bad + 1024, 1024, R)]);
+    let good = s.post(2048);
+    s.kick_rx();
+    let f = frame(300, 11);
+    s.peer_send(&f);
+    s.run_until(|s| s.rx.used_idx() == 2);
+    assert_eq!(s.rx.used(), vec![(0, 0), (2, 312)], "(head, length)");
+    assert_eq!(read_guest(&m, good + NET_HDR_LEN as u64, 300), f);
+}
+
+#[test]
+fn the_link_goes_down_and_up() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let _ = s.looped.irq.read();
+    s.looped.lock().set_link(false);
+    assert_eq!(s.looped.irq.read().unwrap(), 1, "config interrupt");
+    assert_ne!(
+        s.looped.lock().interrupt().status() & crate::virtio::INT_CONFIG,
+        0
+    );
+    let mut config = [0u8; 8];
+    s.looped.lock().read_config(0, &mut config);
+    assert_eq!(&config[6..], &[0, 0]);
+    // Down: nothing passes either way.
+    s.send(&frame(60, 12));
+    s.kick_tx();
+    assert_eq!(s.tx.used_idx(), 1);
+    assert!(s.peer_has_nothing());
+    s.post(2048);
+    s.kick_rx();
+    s.peer_send(&frame(60, 13));
+    s.run_until(|s| s.counters().rx_dropped == 1);
+    assert_eq!(s.rx.used_idx(), 0);
+    assert_eq!(s.counters().tx_dropped, 1);
+    // Up again.
+    s.looped.lock().set_link(true);
+    let f = frame(80, 14);
+    s.peer_send(&f);
+    s.run_until(|s| s.rx.used_idx() == 1);
+    s.send(&f);
+    s.kick_tx();
+    assert_eq!(s.peer_recv(), f);
+}
+
+#[test]
+fn a_peer_that_does_not_read_stops_the_transmit_queue_and_loses_nothing() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    // Far more than the socket and the output buffer hold (two
+    // descriptors a chain: the ring holds 128).
+    let frames: Vec<Vec<u8>> = (0..120).map(|i| frame(60_000, i as u8)).collect();
+    for f in &frames {
+        s.send(f);
+    }
+    s.kick_tx();
+    let stuck_at = s.tx.used_idx() as usize;
+    assert!(stuck_at < frames.len(), "the device stopped taking chains");
+    assert!(stuck_at > 0);
+    // The peer reads; the device resumes on EPOLLOUT.
+    let mut peer = s.peer.try_clone().unwrap();
+    let count = frames.len();
+    let reader = std::thread::spawn(move || {
+        (0..count)
+            .map(|_| {
+                let mut len = [0u8; 4];
+                peer.read_exact(&mut len).unwrap();
+                let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+                peer.read_exact(&mut f).unwrap();
+                f
+            })
+            .collect::<Vec<_>>()
+    });
+    // The last chains' frames are still in the output buffer when the
+    // queue is empty: the loop runs until the peer has them all.
+    s.run_until(|s| s.tx.used_idx() as usize == count && reader.is_finished());
+    let got = reader.join().unwrap();
+    assert!(got == frames, "frames lost or reordered");
+    assert_eq!(s.counters().tx_dropped, 0);
+}
+
+#[test]
+fn a_peer_that_closes_or_sends_garbage_is_dropped_and_the_card_lives() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    s.post(2048);
+    s.kick_rx();
+    // An oversized length prefix: the connection is dropped.
+    s.peer
+        .write_all(&((MAX_FRAME_LEN + 1) as u32).to_be_bytes())
+        .unwrap();
+    s.peer.write_all(&[0u8; 100]).unwrap();
+    s.run_until(|s| !s.looped.lock().stream.connected());
+    let mut b = [0u8; 1];
+    assert_eq!(s.peer.read(&mut b).unwrap(), 0, "the card closed its end");
+    // The guest goes on sending; frames are dropped and counted.
+    s.send(&frame(60, 15));
+    s.kick_tx();
+    assert_eq!(s.tx.used_idx(), 1);
+    assert_eq!(s.counters().tx_dropped, 1);
+    assert!(!s.looped.lock().interrupt().needs_reset());
+    assert_eq!(s.rx.used_idx(), 0);
+}
+
+#[test]
+fn a_lost_switch_is_reconnected() {
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let path = dir.as_path().join("vlan1");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let config = NetConfig {
+        backend: NetBackend::Stream(path.clone()),
+        mac: MAC,
+        id: Some("eth-test".into()),
+    };
+    let mut looped = Looped::new(|irq| Net::new(&config, irq).unwrap());
+    let (first, _) = listener.accept().unwrap();
+    assert_eq!(looped.lock().id(), "eth-test");
+    drop(first);
+    // The loss is seen on the socket, then the timer reconnects.
+    let deadline = Instant::now() + WAIT;
+    listener.set_nonblocking(true).unwrap();
+    let second = loop {
+        assert!(Instant::now() < deadline, "no reconnection");
+        looped.em.run_with_timeout(50).unwrap();
+        if let Ok((sock, _)) = listener.accept() {
+            break sock;
+        }
+    };
+    drop(second);
+    looped.settle();
+    // A missing socket is a clear error at start.
+    let missing = NetConfig {
+        backend: NetBackend::Stream(dir.as_path().join("absent")),
+        ..config
+    };
+    let err = Net::new(&missing, EventFd::new(EFD_NONBLOCK).unwrap())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("absent"), "{err}");
+}

@@ -151,6 +151,7 @@ fn help_documents_every_flag_and_exit_status() {
         "--cpus",
         "--memory",
         "--serial",
+        "--net",
         "--kvm-device",
         "--name",
         "EXIT STATUS",
@@ -214,4 +215,33 @@ fn console_socket_nobody_listens_on() {
         "none",
     ]);
     assert_clear_error(&r, 1, &["console", "/nonexistent/shell.sock"]);
+}
+
+#[test]
+fn bad_network_cards() {
+    // Malformed or clashing cards are usage errors naming --net.
+    let r = vmm(&["--kernel", "/x", "--net", "stream=/s,mac=52:54:00:zz:01:02"]);
+    assert_clear_error(&r, 2, &["--net mac", "52:54:00:zz:01:02"]);
+    let r = vmm(&["--kernel", "/x", "--net", "mac=52:54:00:12:01:02"]);
+    assert_clear_error(&r, 2, &["--net needs stream=PATH"]);
+    let r = vmm(&[
+        "--kernel",
+        "/x",
+        "--net",
+        "stream=/s,mac=52:54:00:12:01:02,id=lan",
+        "--net",
+        "stream=/s,mac=52:54:00:12:01:03,id=lan",
+    ]);
+    assert_clear_error(&r, 2, &["--net", "'lan'"]);
+    // A switch socket nobody listens on is a start-up error naming it.
+    let f = fixtures();
+    let r = vmm(&[
+        "--kernel",
+        &f.microvm.display().to_string(),
+        "--net",
+        "stream=/nonexistent/vlan1.sock,mac=52:54:00:12:01:02",
+        "--serial",
+        "none",
+    ]);
+    assert_clear_error(&r, 1, &["network card net0", "/nonexistent/vlan1.sock"]);
 }

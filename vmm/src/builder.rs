@@ -29,6 +29,7 @@ use log::debug;
 use skiff_devices::legacy::SerialOutput;
 use skiff_devices::virtio::block::Block;
 use skiff_devices::virtio::console::{Console, ConsoleBackend};
+use skiff_devices::virtio::net::{Net, NetConfig};
 use skiff_devices::virtio::rng::Rng;
 use skiff_devices::{GuestPowerEvent, PowerEventSink};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -37,9 +38,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, acpi, BootError, LoadedInitrd, LoadedKernel};
 use crate::bus::Bus;
 use crate::config::MAX_CPUS;
-use crate::config::{MonitorConfig, SerialConfig, VmConfig};
+use crate::config::{net_id, MonitorConfig, SerialConfig, VmConfig};
 use crate::control::server::{self, Protocol, Socket};
-use crate::control::{ChardevInfo, DiskInfo, MachineInfo};
+use crate::control::{link_names, ChardevInfo, DiskInfo, MachineInfo, NetLink};
 use crate::cpu;
 use crate::device_manager::{self, DeviceManager, LegacyDevices, VirtioHandle};
 use crate::error::{setup_err, VmError};
@@ -47,6 +48,7 @@ use crate::event_loop::SerialInput;
 use crate::exit::ExitReason;
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{self, GuestRam};
+use crate::sync::lock;
 use crate::vm::{MainChannel, Vm};
 
 /// The kernel and initrd as loaded into guest memory.
@@ -72,9 +74,10 @@ impl Vm {
         // 1. Everything the user named, before KVM is touched.
         let mem = memory::create_guest_memory(config.memory_mib)?;
         let images = load_guest_images(&mem, &config)?;
-        let (virtio, disks) = create_virtio_devices(&config)?;
+        let opened = create_virtio_devices(&config)?;
         let monitors = monitor_sockets(&config)?;
-        let info = machine_info(&config, disks);
+        let info = machine_info(&config, opened.disks);
+        let virtio = opened.virtio;
         debug!(
             "kernel entry {:#x}, initrd {:?}, {} MiB, {} vCPUs",
             images.kernel.entry.0, images.initrd, config.memory_mib, config.cpus
@@ -117,6 +120,7 @@ impl Vm {
             main,
             monitors,
             info,
+            links: opened.links,
             ged: legacy.ged,
             vcpu_mmap_size,
             vm: Arc::new(vm),
@@ -177,10 +181,17 @@ where
     }
 }
 
+/// What step 1 opened: the virtio devices in guest order, what the
+/// monitors report of the disks, and the network cards they switch.
+struct OpenedDevices {
+    virtio: Vec<VirtioHandle>,
+    disks: Vec<DiskInfo>,
+    links: Vec<NetLink>,
+}
+
 /// Step 1: opens every virtio device's backend, in guest order: disks
-/// (vda, vdb, ...), then the console, then the rng. Returns the devices
-/// and what the monitors report of the disks.
-fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<DiskInfo>), VmError> {
+/// (vda, vdb, ...), then the network cards, the console, the rng.
+fn create_virtio_devices(config: &VmConfig) -> Result<OpenedDevices, VmError> {
     let irq = || EventFd::new(EFD_NONBLOCK).map_err(setup_err("a device interrupt"));
     let mut out = Vec::new();
     let mut disks = Vec::new();
@@ -196,6 +207,26 @@ fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<Di
         });
         out.push(VirtioHandle::new(name, block));
     }
+    config.check().map_err(VmError::Config)?;
+    let mut links = Vec::new();
+    for (i, net) in config.nets.iter().enumerate() {
+        let id = net_id(&config.nets, i);
+        let card = Net::new(
+            &NetConfig {
+                id: Some(id.clone()),
+                ..net.clone()
+            },
+            irq()?,
+        )
+        .map_err(device_err(format!("network card {id}")))?;
+        let card = Arc::new(Mutex::new(card));
+        let handle = card.clone();
+        links.push(NetLink {
+            names: link_names(i, &id),
+            set: Box::new(move |up| lock(&handle).set_link(up)),
+        });
+        out.push(VirtioHandle::shared(id, card));
+    }
     if let Some(console) = &config.console {
         if *console == ConsoleBackend::Stdio && config.serial == SerialConfig::Stdio {
             return Err(VmError::Conflict(
@@ -209,7 +240,11 @@ fn create_virtio_devices(config: &VmConfig) -> Result<(Vec<VirtioHandle>, Vec<Di
         let dev = Rng::new(irq()?).map_err(device_err("rng"))?;
         out.push(VirtioHandle::new("rng", dev));
     }
-    Ok((out, disks))
+    Ok(OpenedDevices {
+        virtio: out,
+        disks,
+        links,
+    })
 }
 
 /// Step 1: opens the QMP and HMP sockets (before the VM starts, so that a

@@ -5,8 +5,8 @@
 //!   `Args`; `main.rs` only flattens it). Devices own their config types
 //!   ([`BlockConfig`], [`ConsoleBackend`]); `VmConfig` holds them as they
 //!   are and the builder hands them over unchanged.
-//! - Every `key=value,...` option (`--disk`, `--serial`, `--console`,
-//!   `--monitor`) goes through one parser, [`Options`]: keys known, none
+//! - Every `key=value,...` option (`--disk`, `--net`, `--serial`,
+//!   `--console`, `--monitor`) goes through one parser, [`Options`]: keys known, none
 //!   given twice, no empty value, commas in values written `,,` as QEMU
 //!   writes them. Each rule about a device's options is checked once,
 //!   here.
@@ -20,6 +20,7 @@ use std::path::PathBuf;
 
 pub use skiff_devices::virtio::block::BlockConfig;
 pub use skiff_devices::virtio::console::ConsoleBackend;
+pub use skiff_devices::virtio::net::{MacAddr, NetBackend, NetConfig};
 
 use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
@@ -256,6 +257,43 @@ pub fn disk_arg(disk: &BlockConfig) -> String {
     s
 }
 
+const NET_USAGE: &str = "stream=PATH,mac=MAC[,id=NAME]";
+
+/// Parses `--net`.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let o = Options::parse("net", NET_USAGE, s, &["stream", "mac", "id"], &[])?;
+    let path = o
+        .value("stream")
+        .ok_or_else(|| format!("--net needs stream=PATH (expected {NET_USAGE})"))?;
+    let mac = o
+        .value("mac")
+        .ok_or_else(|| format!("--net needs mac=MAC (expected {NET_USAGE})"))?;
+    let mac = mac.parse().map_err(|e| format!("--net mac: {e}"))?;
+    Ok(NetConfig {
+        backend: NetBackend::Stream(path.into()),
+        mac,
+        id: o.value("id").map(str::to_owned),
+    })
+}
+
+/// `--net`'s value for `net`.
+pub fn net_arg(net: &NetConfig) -> String {
+    let NetBackend::Stream(path) = &net.backend;
+    let mut s = format!("stream={},mac={}", escape(&path.to_string_lossy()), net.mac);
+    if let Some(id) = &net.id {
+        s.push_str(",id=");
+        s.push_str(&escape(id));
+    }
+    s
+}
+
+/// The id of network card `index` of `nets`: its own, or `net<index>`.
+pub fn net_id(nets: &[NetConfig], index: usize) -> String {
+    nets.get(index)
+        .and_then(|n| n.id.clone())
+        .unwrap_or_else(|| format!("net{index}"))
+}
+
 /// Where an HMP (human monitor) socket is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorConfig {
@@ -330,6 +368,13 @@ pub struct VmConfig {
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<BlockConfig>,
 
+    /// A virtio-net card on a unix stream socket with QEMU's `-netdev
+    /// stream` framing (a Skiff switch port, or any peer speaking it):
+    /// stream=PATH,mac=MAC[,id=NAME]. Repeat for more cards, in the
+    /// guest's order; ids default to net0, net1, ... and must differ.
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+
     /// The virtio console (guest /dev/hvc0): socket=PATH (connect to a unix
     /// socket someone listens on), stdio or file=PATH.
     #[arg(long, value_name = "BACKEND", value_parser = parse_console)]
@@ -375,6 +420,7 @@ impl VmConfig {
             memory_mib: 256,
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
+            nets: Vec::new(),
             console: None,
             rng: false,
             virtio_cmdline: false,
@@ -383,6 +429,20 @@ impl VmConfig {
             monitor: Vec::new(),
             name: "vm".into(),
         }
+    }
+
+    /// The rules between options, which no single option's parser sees:
+    /// every network card's id is its own. The message names the option.
+    pub fn check(&self) -> Result<(), String> {
+        for i in 0..self.nets.len() {
+            let id = net_id(&self.nets, i);
+            if (0..i).any(|j| net_id(&self.nets, j) == id) {
+                return Err(format!(
+                    "--net: two network cards have the id '{id}' (ids default to net0, net1, ...)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The `skiff-vmm` arguments that parse back to this config.
@@ -401,6 +461,9 @@ impl VmConfig {
         ]);
         for disk in &self.disks {
             a.push(format!("--disk={}", disk_arg(disk)));
+        }
+        for net in &self.nets {
+            a.push(format!("--net={}", net_arg(net)));
         }
         if let Some(console) = &self.console {
             a.push(format!("--console={}", console_arg(console)));
@@ -456,6 +519,43 @@ mod tests {
         );
         assert!(parse_serial("stdio,file=/a").is_err());
         assert_eq!(SerialConfig::File("/a".into()).to_string(), "file=/a");
+    }
+
+    #[test]
+    fn nets_parse_and_refuse_bad_input_by_name() {
+        let n = parse_net("stream=/run/vlan1.sock,mac=52:54:00:12:01:02,id=eth1").unwrap();
+        assert_eq!(n.backend, NetBackend::Stream("/run/vlan1.sock".into()));
+        assert_eq!(n.mac.to_string(), "52:54:00:12:01:02");
+        assert_eq!(n.id.as_deref(), Some("eth1"));
+        for (bad, says) in [
+            ("mac=52:54:00:12:01:02", "--net needs stream=PATH"),
+            ("stream=/s", "--net needs mac=MAC"),
+            (
+                "stream=/s,mac=52:54:00:12:01",
+                "--net mac: '52:54:00:12:01' is not a MAC address",
+            ),
+            ("stream=/s,mac=01:00:5e:00:00:01", "multicast"),
+            (
+                "stream=/s,mac=52:54:00:12:01:02,tap=x",
+                "unknown --net option 'tap'",
+            ),
+        ] {
+            let err = parse_net(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let mut c = VmConfig::new("/k");
+        let card = |id: Option<&str>| NetConfig {
+            backend: NetBackend::Stream("/s".into()),
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            id: id.map(str::to_owned),
+        };
+        c.nets = vec![card(None), card(Some("a"))];
+        assert_eq!(c.check(), Ok(()));
+        c.nets = vec![card(Some("net1")), card(None)];
+        let err = c.check().unwrap_err();
+        assert!(err.contains("--net") && err.contains("'net1'"), "{err}");
+        c.nets = vec![card(Some("a")), card(Some("a"))];
+        assert!(c.check().is_err());
     }
 
     #[test]
@@ -590,6 +690,18 @@ mod tests {
                     id.truncate(20);
                     id
                 }),
+            });
+        }
+        for _ in 0..r.below(3) {
+            let mut mac = [0u8; 6];
+            for b in &mut mac {
+                *b = r.below(256) as u8;
+            }
+            mac[0] &= !1;
+            c.nets.push(NetConfig {
+                backend: NetBackend::Stream(r.path()),
+                mac: MacAddr(mac),
+                id: r.flip().then(|| r.text(1)),
             });
         }
         c.console = match r.below(4) {

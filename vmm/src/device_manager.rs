@@ -124,7 +124,15 @@ impl VirtioHandle {
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        let device = Arc::new(Mutex::new(device));
+        Self::shared(name, Arc::new(Mutex::new(device)))
+    }
+
+    /// `device`, already shared (the caller keeps a typed handle, as the
+    /// monitors do for network cards).
+    pub fn shared<D>(name: impl Into<String>, device: Arc<Mutex<D>>) -> Self
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
         VirtioHandle {
             name: name.into(),
             device: device.clone(),

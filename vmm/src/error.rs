@@ -60,6 +60,9 @@ pub enum VmError {
     /// Two options that cannot go together.
     #[error("{0}")]
     Conflict(&'static str),
+    /// A rule between options ([`crate::config::VmConfig::check`]).
+    #[error("{0}")]
+    Config(String),
     /// Wiring a virtio device into the VM.
     #[error(transparent)]
     DeviceWiring(#[from] DeviceError),

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use skiff_vmm::exit::log_exit;
 use skiff_vmm::{ExitStatus, Vm, VmConfig};
 
@@ -47,6 +47,12 @@ fn run(config: VmConfig) -> anyhow::Result<i32> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(msg) = cli.vm.check() {
+        // A usage error, as clap's own: exit status 2.
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit();
+    }
     init_logging(&cli.vm.name);
     match run(cli.vm) {
         Ok(code) => {

@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::control::server::{self, Protocol, Socket};
-use crate::control::{EventHub, MachineInfo, RunControl};
+use crate::control::{EventHub, MachineInfo, NetLink, RunControl};
 use crate::cpu::coalesced::CoalescedRing;
 use crate::cpu::pause::{self, RunMapping, VcpuManager};
 use crate::cpu::vcpu::{replay, VcpuContext};
@@ -85,6 +85,8 @@ pub struct Vm {
     pub(crate) main: MainChannel,
     pub(crate) monitors: Vec<(Protocol, Socket)>,
     pub(crate) info: MachineInfo,
+    /// The network cards, for the monitors' `set_link`.
+    pub(crate) links: Vec<NetLink>,
     pub(crate) ged: Arc<Mutex<Ged<EventFdTrigger>>>,
     pub(crate) vcpu_mmap_size: usize,
     pub(crate) vm: Arc<VmFd>,
@@ -182,19 +184,22 @@ impl Vm {
         let events = EventHub::new();
         let ged = self.ged.clone();
         let exit_tx = Mutex::new(self.main.sender());
-        let control = Arc::new(RunControl::new(
-            std::mem::take(&mut self.info),
-            vcpus,
-            events.clone(),
-            Box::new(move || {
-                if let Err(e) = lock(&ged).press_power_button() {
-                    warn!("cannot raise the power button interrupt: {e}");
-                }
-            }),
-            Box::new(move |reason| {
-                let _ = lock(&exit_tx).send(reason);
-            }),
-        ));
+        let control = Arc::new(
+            RunControl::new(
+                std::mem::take(&mut self.info),
+                vcpus,
+                events.clone(),
+                Box::new(move || {
+                    if let Err(e) = lock(&ged).press_power_button() {
+                        warn!("cannot raise the power button interrupt: {e}");
+                    }
+                }),
+                Box::new(move |reason| {
+                    let _ = lock(&exit_tx).send(reason);
+                }),
+            )
+            .with_links(std::mem::take(&mut self.links)),
+        );
         let monitors = std::mem::take(&mut self.monitors);
         let server = if monitors.is_empty() {
             None

@@ -1,8 +1,8 @@
 //! The subset of QEMU's human monitor (HMP) that test tools use, with
 //! QEMU's texts: `info status|version|name|kvm`, `stop`, `cont`,
-//! `system_powerdown`, `system_reset`, `quit`, `help`; `screendump`,
-//! `sendkey` and `set_link` answer errors until skiff-vmm has a display,
-//! a keyboard and NICs. Output lines end in CRLF, as QEMU's do; the
+//! `system_powerdown`, `system_reset`, `quit`, `help`, `set_link`;
+//! `screendump` and `sendkey` answer errors until skiff-vmm has a display
+//! and a keyboard. Output lines end in CRLF, as QEMU's do; the
 //! monitor socket adds the `(qemu) ` prompt.
 
 use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
@@ -179,7 +179,10 @@ pub fn execute(line: &str, machine: &dyn Controls) -> String {
             } else if up != "on" && up != "off" {
                 "Expected 'on' or 'off'\r\n".to_owned()
             } else {
-                error(&format!("Device '{name}' not found"))
+                match machine.set_link(name, up == "on") {
+                    Ok(()) => String::new(),
+                    Err(desc) => error(&desc),
+                }
             }
         }
         other => format!("unknown command: '{other}'\r\n"),
@@ -258,15 +261,18 @@ mod tests {
         );
         assert!(execute("sendkey ctrl-alt-delete", m).starts_with("Error: "));
         assert_eq!(execute("sendkey", m), "sendkey: string expected\r\n");
+        assert_eq!(execute("set_link virtio-net-pci.1 off", m), "");
+        assert_eq!(execute("set_link net0 on", m), "");
         assert_eq!(
-            execute("set_link virtio-net-pci.1 off", m),
-            "Error: Device 'virtio-net-pci.1' not found\r\n"
+            execute("set_link virtio-net-pci.2 off", m),
+            "Error: Device 'virtio-net-pci.2' not found\r\n"
         );
         assert_eq!(
             execute("set_link virtio-net-pci.1 maybe", m),
             "Expected 'on' or 'off'\r\n"
         );
         assert_eq!(execute("set_link", m), "set_link: string expected\r\n");
+        assert_eq!(*f.links.lock().unwrap(), vec![false, true]);
     }
 
     #[test]

@@ -272,6 +272,25 @@ pub trait Controls: Send + Sync {
     fn info(&self) -> &MachineInfo;
     /// Host thread id of each vCPU (0 until its thread started).
     fn vcpu_thread_ids(&self) -> Vec<i64>;
+    /// Plugs (`up`) or unplugs the network card called `name` (its id, or
+    /// QEMU's `virtio-net-pci.N` for the N-th card from 1); fails with
+    /// QEMU's text when no card has that name.
+    fn set_link(&self, name: &str, up: bool) -> Result<(), String>;
+}
+
+/// A network card the monitors can plug and unplug.
+pub struct NetLink {
+    /// The names `set_link` knows it by.
+    pub names: Vec<String>,
+    /// Sets its link state.
+    pub set: Box<dyn Fn(bool) + Send + Sync>,
+}
+
+/// The names `set_link` accepts for card `index` (from 0) with id `id`:
+/// the id, and `virtio-net-pci.N` (N from 1), the name the NixOS test
+/// driver uses for a node's N-th VLAN card.
+pub fn link_names(index: usize, id: &str) -> Vec<String> {
+    vec![id.to_owned(), format!("virtio-net-pci.{}", index + 1)]
 }
 
 /// The run state machine behind the monitors.
@@ -282,6 +301,7 @@ pub struct RunControl {
     exit: Box<dyn Fn(ExitReason) + Send + Sync>,
     events: EventHub,
     info: MachineInfo,
+    links: Vec<NetLink>,
 }
 
 impl RunControl {
@@ -301,7 +321,14 @@ impl RunControl {
             exit,
             events,
             info,
+            links: Vec::new(),
         }
+    }
+
+    /// The network cards `set_link` acts on.
+    pub fn with_links(mut self, links: Vec<NetLink>) -> Self {
+        self.links = links;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
@@ -396,6 +423,16 @@ impl Controls for RunControl {
     fn vcpu_thread_ids(&self) -> Vec<i64> {
         self.vcpus.thread_ids()
     }
+
+    fn set_link(&self, name: &str, up: bool) -> Result<(), String> {
+        let link = self
+            .links
+            .iter()
+            .find(|l| l.names.iter().any(|n| n == name))
+            .ok_or_else(|| format!("Device '{name}' not found"))?;
+        (link.set)(up);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -431,6 +468,8 @@ pub(crate) mod testing {
         pub presses: Arc<AtomicUsize>,
         pub exits: Arc<Mutex<Vec<ExitReason>>>,
         pub events: EventHub,
+        /// The link states set on the one card, `net0`, in order.
+        pub links: Arc<Mutex<Vec<bool>>>,
     }
 
     pub fn info() -> MachineInfo {
@@ -467,12 +506,19 @@ pub(crate) mod testing {
             }),
             Box::new(move |r| e.lock().unwrap().push(r)),
         );
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let l = links.clone();
+        let control = control.with_links(vec![NetLink {
+            names: link_names(0, "net0"),
+            set: Box::new(move |up| l.lock().unwrap().push(up)),
+        }]);
         Fake {
             control,
             vcpus,
             presses,
             exits,
             events,
+            links,
         }
     }
 

@@ -535,10 +535,14 @@ fn run_command(
         }
         "screendump" => return Err(QmpError::generic(NO_CONSOLE)),
         "set_link" => {
-            return Err(QmpError {
-                class: ErrorClass::DeviceNotFound,
-                desc: format!("Device '{}' not found", arg_str("name")),
-            })
+            let up = args.get("up").and_then(Value::as_bool).unwrap_or_default();
+            machine
+                .set_link(arg_str("name"), up)
+                .map_err(|desc| QmpError {
+                    class: ErrorClass::DeviceNotFound,
+                    desc,
+                })?;
+            empty()
         }
         other => {
             return Err(QmpError::not_found(format!(
@@ -930,7 +934,7 @@ mod tests {
     }
 
     #[test]
-    fn screendump_and_set_link_without_devices() {
+    fn screendump_without_a_display_and_set_link() {
         let f = fake();
         let mut s = negotiated(&f.control);
         let v = run(
@@ -945,14 +949,24 @@ mod tests {
                 "There is no console to take a screendump from"
             )
         );
+        // The fake machine has one card, net0 (virtio-net-pci.1).
+        for (name, up) in [("virtio-net-pci.1", false), ("net0", true)] {
+            let v = run(
+                &mut s,
+                &f.control,
+                &format!(r#"{{"execute":"set_link","arguments":{{"name":"{name}","up":{up}}}}}"#),
+            );
+            assert_eq!(v["return"], serde_json::json!({}), "{v}");
+        }
+        assert_eq!(*f.links.lock().unwrap(), vec![false, true]);
         let v = run(
             &mut s,
             &f.control,
-            r#"{"execute":"set_link","arguments":{"name":"virtio-net-pci.1","up":false}}"#,
+            r#"{"execute":"set_link","arguments":{"name":"virtio-net-pci.2","up":false}}"#,
         );
         assert_eq!(
             error(&v),
-            ("DeviceNotFound", "Device 'virtio-net-pci.1' not found")
+            ("DeviceNotFound", "Device 'virtio-net-pci.2' not found")
         );
     }
 }

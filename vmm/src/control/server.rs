@@ -423,6 +423,9 @@ mod tests {
         fn vcpu_thread_ids(&self) -> Vec<i64> {
             self.0.control.vcpu_thread_ids()
         }
+        fn set_link(&self, name: &str, up: bool) -> Result<(), String> {
+            self.0.control.set_link(name, up)
+        }
     }
 
     struct Client {

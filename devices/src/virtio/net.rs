@@ -248,7 +248,6 @@ impl Net {
     }
 
     /// A card on a connected socket that is not reconnected when lost.
-    #[cfg(test)]
     fn from_socket(
         sock: std::os::unix::net::UnixStream,
         mac: MacAddr,
@@ -628,6 +627,79 @@ fn locate(chain: &DescriptorChain<&GuestMemoryMmap>, offset: usize) -> [Option<G
         }
     }
     found
+}
+
+/// Guest memory of [`fuzz_queues`].
+pub const FUZZ_MEM_SIZE: usize = 0x1_0000;
+/// Queue size of [`fuzz_queues`].
+const FUZZ_QUEUE_SIZE: u16 = 16;
+
+/// Drives a card's two queues with guest memory taken from `data` (the
+/// transmit queue's descriptor table at 0, its available ring at 0x100
+/// and used ring at 0x140; the receive queue's at 0x200, 0x300, 0x340),
+/// features from its first byte, and the bytes after the first
+/// [`FUZZ_MEM_SIZE`] sent by the peer as they are (length prefixes
+/// included, good or not). Every chain is taken, every frame offered.
+/// Must never panic or loop; returns the card's counters.
+pub fn fuzz_queues(data: &[u8]) -> NetCounters {
+    use virtio_queue::{Queue, QueueT};
+
+    let (Ok(mem), Ok((ours, mut peer))) = (
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), FUZZ_MEM_SIZE)]),
+        std::os::unix::net::UnixStream::pair(),
+    ) else {
+        return NetCounters::default();
+    };
+    let (guest, from_peer) = data.split_at(data.len().min(FUZZ_MEM_SIZE));
+    let _ = mem.write_slice(guest, GuestAddress(0));
+    let Ok(evt) = EventFd::new(EFD_NONBLOCK) else {
+        return NetCounters::default();
+    };
+    let Ok(mut net) = Net::from_socket(ours, MacAddr([0x52, 0x54, 0, 0, 0, 1]), evt) else {
+        return NetCounters::default();
+    };
+    let flags = guest.first().copied().unwrap_or(0);
+    let mut queues = Vec::new();
+    for base in [0x200u64, 0] {
+        let Ok(mut q) = Queue::new(FUZZ_QUEUE_SIZE) else {
+            return NetCounters::default();
+        };
+        q.set_size(FUZZ_QUEUE_SIZE);
+        // Addresses below FUZZ_MEM_SIZE: they fit in u32.
+        q.set_desc_table_address(Some(base as u32), Some(0));
+        q.set_avail_ring_address(Some((base + 0x100) as u32), Some(0));
+        q.set_used_ring_address(Some((base + 0x140) as u32), Some(0));
+        q.set_event_idx(flags & 2 != 0);
+        q.set_ready(true);
+        let valid = q.is_valid(&mem);
+        q.set_ready(valid);
+        queues.push(q);
+    }
+    let mut features = net.features();
+    if flags & 1 == 0 {
+        features &= !VIRTIO_NET_F_MRG_RXBUF;
+    }
+    if net
+        .activate(ActivateContext {
+            mem: mem.clone(),
+            queues,
+            acked_features: features,
+        })
+        .is_err()
+    {
+        return net.counters();
+    }
+    let _ = peer.set_nonblocking(true);
+    let _ = peer.write(from_peer);
+    if flags & 4 != 0 {
+        net.set_link(false);
+    }
+    net.process_tx();
+    net.process_rx();
+    // Frames left for more buffers stay; offering them again must end.
+    net.rx_stalled = false;
+    net.deliver_frames();
+    net.counters()
 }
 
 impl VirtioDevice for Net {

@@ -73,7 +73,6 @@ impl Stream {
     }
 
     /// A stream on a connected socket, never reconnected.
-    #[cfg(test)]
     pub fn from_socket(sock: UnixStream, name: &str) -> io::Result<Stream> {
         sock.set_nonblocking(true)?;
         Ok(Stream::with(None, Some(sock), name))

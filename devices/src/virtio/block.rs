@@ -479,11 +479,11 @@ impl MutEventSubscriber for Block {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                warn!("{}: cannot watch queue {i}: {e}", self.disk.name);
-            }
-        }
+        let queues: Vec<Events> = (0u32..)
+            .zip(&self.queue_evts)
+            .map(|(i, evt)| Events::with_data(evt, i, EventSet::IN))
+            .collect();
+        super::watch(ops, &self.disk.name, &queues);
     }
 }
 

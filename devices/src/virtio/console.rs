@@ -45,7 +45,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use self::endpoint::{Direction, Endpoint, Host};
 use super::queue::{drain, ChainError, Drained, Handled};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
+    read_config_bytes, watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
@@ -522,11 +522,7 @@ impl MutEventSubscriber for Console {
             Events::with_data(&self.queue_events[TRANSMITQ], EV_TX_QUEUE, EventSet::IN),
             Events::with_data(&self.timer, EV_TIMER, EventSet::IN),
         ];
-        for ev in fixed {
-            if let Err(e) = ops.add(ev) {
-                error!("virtio-console: cannot watch fd {}: {e}", ev.fd());
-            }
-        }
+        watch(ops, "virtio-console", &fixed);
         self.sync_interest(ops);
     }
 

@@ -269,6 +269,16 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Registers each of `events` with the device's event loop; one that
+/// cannot be watched is logged (as `name`), and the device does without it.
+pub fn watch(ops: &mut event_manager::EventOps, name: &str, events: &[event_manager::Events]) {
+    for ev in events {
+        if let Err(e) = ops.add(*ev) {
+            log::error!("{name}: cannot watch fd {}: {e}", ev.fd());
+        }
+    }
+}
+
 /// Copies `data.len()` bytes of `config` from `offset` into `data`, zero
 /// filling what lies outside: guest offsets and sizes are untrusted.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

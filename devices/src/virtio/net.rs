@@ -52,7 +52,7 @@ use self::stream::{Io, Stream};
 pub use self::stream::{ETH_HLEN, MAX_FRAME_LEN};
 use super::queue::{drain, ChainError, Drained, Handled};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
+    read_config_bytes, watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
@@ -752,11 +752,7 @@ impl MutEventSubscriber for Net {
             Events::with_data(&self.queue_events[TRANSMITQ], EV_TX_QUEUE, EventSet::IN),
             Events::with_data(&self.timer, EV_TIMER, EventSet::IN),
         ];
-        for ev in fixed {
-            if let Err(e) = ops.add(ev) {
-                error!("{}: cannot watch fd {}: {e}", self.name, ev.fd());
-            }
-        }
+        watch(ops, &self.name, &fixed);
         self.sync_interest(ops);
     }
 

@@ -15,8 +15,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{drain, ChainError, Handled};
 use super::{
-    ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_VERSION_1,
+    watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
 /// virtio device id of an entropy source.
@@ -141,13 +141,8 @@ impl VirtioDevice for Rng {
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.queue_events[0],
-            QUEUE_EVENT,
-            EventSet::IN,
-        )) {
-            error!("virtio-rng: cannot watch the queue eventfd: {e}");
-        }
+        let queue = Events::with_data(&self.queue_events[0], QUEUE_EVENT, EventSet::IN);
+        watch(ops, "virtio-rng", &[queue]);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

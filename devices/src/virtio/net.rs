@@ -634,13 +634,14 @@ pub const FUZZ_MEM_SIZE: usize = 0x1_0000;
 /// Queue size of [`fuzz_queues`].
 const FUZZ_QUEUE_SIZE: u16 = 16;
 
-/// Drives a card's two queues with guest memory taken from `data` (the
-/// transmit queue's descriptor table at 0, its available ring at 0x100
-/// and used ring at 0x140; the receive queue's at 0x200, 0x300, 0x340),
-/// features from its first byte, and the bytes after the first
-/// [`FUZZ_MEM_SIZE`] sent by the peer as they are (length prefixes
-/// included, good or not). Every chain is taken, every frame offered.
-/// Must never panic or loop; returns the card's counters.
+/// Drives a card's two queues from `data`: byte 0 holds the features
+/// (bit 0 mergeable buffers, bit 1 EVENT_IDX) and the link (bit 2 down),
+/// bytes 1-2 the length N (little-endian) of what the peer sends, which
+/// follows (length prefixes included, good or not); the rest is guest
+/// memory from address 0 (the transmit queue's descriptor table at 0, its
+/// available ring at 0x100 and used ring at 0x140; the receive queue's at
+/// 0x200, 0x300, 0x340). Every chain is taken, every frame offered. Must
+/// never panic or loop; returns the card's counters.
 pub fn fuzz_queues(data: &[u8]) -> NetCounters {
     use virtio_queue::{Queue, QueueT};
 
@@ -650,15 +651,20 @@ pub fn fuzz_queues(data: &[u8]) -> NetCounters {
     ) else {
         return NetCounters::default();
     };
-    let (guest, from_peer) = data.split_at(data.len().min(FUZZ_MEM_SIZE));
-    let _ = mem.write_slice(guest, GuestAddress(0));
+    let flags = data.first().copied().unwrap_or(0);
+    let peer_len = match data.get(1..3) {
+        Some(n) => usize::from(u16::from_le_bytes([n[0], n[1]])),
+        None => 0,
+    };
+    let rest = data.get(3..).unwrap_or_default();
+    let (from_peer, guest) = rest.split_at(peer_len.min(rest.len()));
+    let _ = mem.write_slice(&guest[..guest.len().min(FUZZ_MEM_SIZE)], GuestAddress(0));
     let Ok(evt) = EventFd::new(EFD_NONBLOCK) else {
         return NetCounters::default();
     };
     let Ok(mut net) = Net::from_socket(ours, MacAddr([0x52, 0x54, 0, 0, 0, 1]), evt) else {
         return NetCounters::default();
     };
-    let flags = guest.first().copied().unwrap_or(0);
     let mut queues = Vec::new();
     for base in [0x200u64, 0] {
         let Ok(mut q) = Queue::new(FUZZ_QUEUE_SIZE) else {

@@ -502,24 +502,36 @@ fn a_lost_switch_is_reconnected() {
 #[test]
 fn fuzz_entry_point() {
     assert_eq!(fuzz_queues(&[]), NetCounters::default());
-    // One good transmit chain in the fuzz layout: descriptor 0 at 0x400
-    // holding a header and a 60-byte frame, offered by the available ring
-    // at 0x100; flags byte (the first of memory) 0: no mergeable buffers.
-    let mut input = vec![0u8; FUZZ_MEM_SIZE];
-    input[..8].copy_from_slice(&0x400u64.to_le_bytes());
-    input[8..12].copy_from_slice(&((NET_HDR_LEN + 60) as u32).to_le_bytes());
-    input[0x102..0x104].copy_from_slice(&1u16.to_le_bytes());
-    // Then the peer sends one 64-byte frame; the receive queue has no
-    // buffer, so it waits.
-    input.extend_from_slice(&64u32.to_be_bytes());
-    input.extend_from_slice(&[0xab; 64]);
+    // Flags 0 (no mergeable buffers, link up); the peer sends one 64-byte
+    // frame, which waits: the receive queue has no buffer.
+    let mut input = vec![0u8];
+    let peer: Vec<u8> = [&64u32.to_be_bytes()[..], &[0xab; 64]].concat();
+    input.extend_from_slice(&(peer.len() as u16).to_le_bytes());
+    input.extend_from_slice(&peer);
+    // Guest memory: one transmit chain, descriptor 0 at 0x400 holding a
+    // header and a 60-byte frame, offered by the available ring at 0x100.
+    let mut memory = vec![0u8; 0x1000];
+    memory[..8].copy_from_slice(&0x400u64.to_le_bytes());
+    memory[8..12].copy_from_slice(&((NET_HDR_LEN + 60) as u32).to_le_bytes());
+    memory[0x102..0x104].copy_from_slice(&1u16.to_le_bytes());
+    input.extend_from_slice(&memory);
     let c = fuzz_queues(&input);
     assert_eq!((c.tx_frames, c.tx_bytes), (1, 60));
     assert_eq!(c.rx_frames, 0);
+    // With a receive buffer (descriptor 0 of the receive queue, at 0x800,
+    // device-writable) the frame is delivered.
+    let at = 3 + peer.len();
+    input[at + 0x200..at + 0x208].copy_from_slice(&0x800u64.to_le_bytes());
+    input[at + 0x208..at + 0x20c].copy_from_slice(&2048u32.to_le_bytes());
+    input[at + 0x20c..at + 0x20e].copy_from_slice(&W.to_le_bytes());
+    input[at + 0x302..at + 0x304].copy_from_slice(&1u16.to_le_bytes());
+    let c = fuzz_queues(&input);
+    assert_eq!((c.rx_frames, c.rx_bytes), (1, 64));
     // Garbage of every length, with every feature combination.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for len in [
         1usize,
+        3,
         17,
         0x150,
         0x400,

@@ -6,14 +6,20 @@
 //!   "nodes": { "machine": { "kernel": "${SKIFF_GUEST}/vmlinuz-microvm",
 //!                           "initrd": "${SKIFF_GUEST}/initrd.cpio.gz",
 //!                           "cmdline": "root=/dev/vda rw", "memory": 1024,
-//!                           "disks": [ { "path": "${SKIFF_GUEST}/rootfs.ext4", "overlay": true } ] } },
+//!                           "disks": [ { "path": "${SKIFF_GUEST}/rootfs.ext4", "overlay": true } ],
+//!                           "vlans": [ 1 ] } },
 //!   "script_file": "simple.py" }
 //! ```
 //!
 //! Relative paths are taken from the description's directory; `${VAR}` in a
 //! path is replaced by the environment variable (an unset one is an error).
+//!
+//! Each node is on the VLANs of its `vlans` (default `[1]`, `[]` for none),
+//! numbered and addressed as [`crate::network`] says; its command line gets
+//! the network parameters appended. Everything is checked here, before any
+//! VM starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -21,6 +27,8 @@ use skiff_vmm::config::{BlockConfig, MAX_CPUS};
 use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use skiff_vmm::VmConfig;
 use thiserror::Error;
+
+use crate::network::{NetworkError, Nic, Plan};
 
 /// What is wrong with a description.
 #[derive(Debug, Error)]
@@ -34,6 +42,8 @@ pub enum DescriptionError {
     Parse { path: PathBuf, message: String },
     #[error("test description {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("test description {path}: {source}")]
+    Network { path: PathBuf, source: NetworkError },
 }
 
 /// One VM of a test.
@@ -55,9 +65,11 @@ pub struct Node {
     /// `overlay`, `id`).
     #[serde(default)]
     pub disks: Vec<BlockConfig>,
-    /// VLAN numbers the node is on.
-    #[serde(default)]
-    pub vlans: Vec<u32>,
+    /// VLAN numbers the node is on, one network card each, in order
+    /// (`virtualisation.vlans`). Signed, so that a negative number gets
+    /// the same error as any other out of range.
+    #[serde(default = "default_vlans")]
+    pub vlans: Vec<i64>,
     /// More `skiff-vmm` flags, passed as they are.
     #[serde(default)]
     pub extra_args: Vec<String>,
@@ -74,6 +86,9 @@ fn default_memory() -> u32 {
 }
 fn default_connect_timeout() -> u64 {
     600
+}
+fn default_vlans() -> Vec<i64> {
+    vec![1]
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +107,8 @@ pub struct Description {
     pub name: String,
     /// Nodes by name, in name order (node numbers follow this order).
     pub nodes: BTreeMap<String, ResolvedNode>,
+    /// Every VLAN some node is on, ascending: one switch each.
+    pub vlans: BTreeSet<u8>,
     pub script: String,
     /// The file name tracebacks show for the script.
     pub script_name: String,
@@ -106,8 +123,14 @@ pub struct ResolvedNode {
     /// The name the script sees (`-` and `.` become `_`).
     pub python_name: String,
     /// How skiff-vmm boots it; the driver adds the serial port, console,
-    /// QMP socket and name of each run.
+    /// QMP socket and name of each run, and the network cards' sockets
+    /// ([`ResolvedNode::with_network`]). The command line has the network
+    /// parameters already.
     pub vm: VmConfig,
+    /// Its number in the test (from 1, in name order).
+    pub number: u8,
+    /// Its network cards, in order.
+    pub nics: Vec<Nic>,
     /// More `skiff-vmm` flags, passed after the config's.
     pub extra_args: Vec<String>,
     pub connect_timeout: u64,
@@ -221,6 +244,16 @@ impl Description {
                 "a test needs at least one node in \"nodes\"".into(),
             ));
         }
+        let network_err = |source| DescriptionError::Network {
+            path: path.to_owned(),
+            source,
+        };
+        let plan = Plan::new(
+            raw.nodes
+                .iter()
+                .map(|(name, n)| (name.as_str(), n.vlans.as_slice())),
+        )
+        .map_err(network_err)?;
         let mut nodes = BTreeMap::new();
         let mut python_names = BTreeMap::new();
         for (name, n) in raw.nodes {
@@ -269,12 +302,6 @@ impl Description {
                     "memory {memory}: must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (MiB)"
                 )));
             }
-            if !n.vlans.is_empty() {
-                return Err(ctx(format!(
-                    "vlans {:?}: VLANs need virtio-net, which skiff-vmm does not have yet",
-                    n.vlans
-                )));
-            }
             let cmdline = if n
                 .cmdline
                 .split_whitespace()
@@ -284,6 +311,8 @@ impl Description {
             } else {
                 format!("console=ttyS0 {}", n.cmdline).trim_end().to_owned()
             };
+            let cmdline = plan.node_cmdline(&name, &cmdline).map_err(network_err)?;
+            let net = &plan.nodes[&name];
             nodes.insert(
                 name.clone(),
                 ResolvedNode {
@@ -298,6 +327,8 @@ impl Description {
                         rng: true,
                         ..VmConfig::new(kernel)
                     },
+                    number: net.number,
+                    nics: net.nics.clone(),
                     extra_args: n.extra_args,
                     connect_timeout: n.connect_timeout,
                 },
@@ -323,6 +354,7 @@ impl Description {
         Ok(Description {
             name: raw.name,
             nodes,
+            vlans: plan.vlans(),
             script,
             script_name,
             global_timeout: raw.global_timeout.unwrap_or(3600),
@@ -332,6 +364,15 @@ impl Description {
     /// Guest memory of all nodes, MiB.
     pub fn memory_mib(&self) -> u64 {
         self.nodes.values().map(|n| n.vm.memory_mib).sum()
+    }
+}
+
+impl ResolvedNode {
+    /// The node with its network cards on the switches in `state_dir`.
+    pub fn with_network(&self, state_dir: &Path) -> ResolvedNode {
+        let mut node = self.clone();
+        node.vm.nets = self.nics.iter().map(|c| c.net_config(state_dir)).collect();
+        node
     }
 }
 
@@ -376,16 +417,127 @@ mod tests {
         let n = &desc.nodes["web-1"];
         assert_eq!(n.python_name, "web_1");
         assert_eq!(n.vm.memory_mib, 1024);
-        assert_eq!(n.vm.cmdline, "console=ttyS0 quiet");
+        assert_eq!(
+            n.vm.cmdline,
+            "console=ttyS0 quiet skiff.hostname=web-1 \
+             skiff.ip=52:54:00:12:01:01,192.168.1.1/24,2001:db8:1::1/64 skiff.hosts=web-1@1.1"
+        );
         assert_eq!(n.vm.kernel, d.join("kernel"));
         assert!(n.vm.rng);
+        // One card on VLAN 1 by default; its socket is filled in per run.
+        assert_eq!(n.number, 1);
+        assert_eq!(n.nics.len(), 1);
+        assert!(n.vm.nets.is_empty());
+        assert_eq!(desc.vlans, BTreeSet::from([1]));
         let p = write(
             &d,
             "t.toml",
             "name = \"b\"\nscript = \"pass\"\n[nodes.m]\nkernel = \"kernel\"\ncmdline = \"console=hvc0\"\n",
         );
         let desc = Description::load(&p, None).unwrap();
-        assert_eq!(desc.nodes["m"].vm.cmdline, "console=hvc0");
+        assert!(desc.nodes["m"]
+            .vm
+            .cmdline
+            .starts_with("console=hvc0 skiff.hostname=m skiff.ip="));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn vlans_give_numbers_cards_and_command_lines() {
+        let d = tmp("vlans");
+        let p = write(
+            &d,
+            "t.json",
+            r#"{"name":"a","script":"pass","nodes":{
+                "server":{"kernel":"kernel","vlans":[2]},
+                "router":{"kernel":"kernel","vlans":[2,1],"cmdline":"quiet"},
+                "client":{"kernel":"kernel"},
+                "loner":{"kernel":"kernel","vlans":[]}}}"#,
+        );
+        let desc = Description::load(&p, None).unwrap();
+        assert_eq!(desc.vlans, BTreeSet::from([1, 2]));
+        let router = &desc.nodes["router"];
+        assert_eq!(router.number, 3);
+        assert_eq!(
+            router.vm.cmdline,
+            "console=ttyS0 quiet skiff.hostname=router \
+             skiff.ip=52:54:00:12:02:03,192.168.2.3/24,2001:db8:2::3/64 \
+             skiff.ip=52:54:00:12:01:03,192.168.1.3/24,2001:db8:1::3/64 \
+             skiff.hosts=client@1.1,router@2.3,server@2.4"
+        );
+        let loner = &desc.nodes["loner"];
+        assert!(loner.nics.is_empty());
+        assert!(loner
+            .vm
+            .cmdline
+            .ends_with("skiff.hostname=loner skiff.hosts=client@1.1,router@2.3,server@2.4"));
+        let run = router.with_network(Path::new("/state"));
+        let args = run.vm.to_args();
+        let nets: Vec<&String> = args.iter().filter(|a| a.starts_with("--net=")).collect();
+        assert_eq!(
+            nets,
+            [
+                "--net=stream=/state/vlan2/socket,mac=52:54:00:12:02:03,id=eth1",
+                "--net=stream=/state/vlan1/socket,mac=52:54:00:12:01:03,id=eth2"
+            ]
+        );
+        assert!(loner.with_network(Path::new("/state")).vm.nets.is_empty());
+        // No node on a VLAN: no switch, no hosts.
+        let p = write(
+            &d,
+            "t.json",
+            r#"{"name":"a","script":"pass","nodes":{"m":{"kernel":"kernel","vlans":[]}}}"#,
+        );
+        let desc = Description::load(&p, None).unwrap();
+        assert!(desc.vlans.is_empty());
+        assert_eq!(desc.nodes["m"].vm.cmdline, "console=ttyS0 skiff.hostname=m");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn bad_vlans_and_long_command_lines_are_refused_naming_the_node() {
+        let d = tmp("bad-vlans");
+        for (vlans, text) in [
+            (
+                "[0]",
+                "node \"web\": VLAN 0 is out of range (VLAN numbers are 1 to 255)",
+            ),
+            ("[256]", "node \"web\": VLAN 256 is out of range"),
+            ("[-3]", "node \"web\": VLAN -3 is out of range"),
+            ("[1,2,1]", "node \"web\": VLAN 1 is listed twice"),
+        ] {
+            let e = err(
+                &d,
+                &format!(
+                    r#"{{"name":"a","script":"","nodes":{{"web":{{"kernel":"kernel","vlans":{vlans}}}}}}}"#
+                ),
+            );
+            assert!(e.contains(text), "{vlans}: {e}");
+        }
+        let nodes: Vec<String> = (0..255)
+            .map(|i| format!(r#""n{i}":{{"kernel":"kernel","vlans":[]}}"#))
+            .collect();
+        let e = err(
+            &d,
+            &format!(
+                r#"{{"name":"a","script":"","nodes":{{{}}}}}"#,
+                nodes.join(",")
+            ),
+        );
+        assert!(e.contains("the test has 255 nodes, more than 254"), "{e}");
+        let long = "x".repeat(2000);
+        let e = err(
+            &d,
+            &format!(
+                r#"{{"name":"a","script":"","nodes":{{"web":{{"kernel":"kernel","cmdline":"{long}"}}}}}}"#
+            ),
+        );
+        assert!(
+            e.contains("node \"web\": its kernel command line would be")
+                && e.contains("1 node(s)")
+                && e.contains("Linux on x86 keeps only 2047 bytes"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

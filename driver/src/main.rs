@@ -2,6 +2,7 @@
 
 mod description;
 mod machine;
+mod network;
 mod python;
 mod qmp;
 mod report;
@@ -11,6 +12,7 @@ mod switch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 
 use description::Description;
 use machine::Machine;
+use network::Switches;
 use report::logger;
 
 #[derive(Parser)]
@@ -68,6 +71,9 @@ pub struct TestArgs {
     /// The skiff-vmm binary [default: next to skiff, else on PATH].
     #[arg(long, value_name = "PATH", env = "SKIFF_VMM")]
     vmm: Option<PathBuf>,
+    /// Capture every VLAN's frames to vlan<N>.pcap in the output directory.
+    #[arg(long)]
+    pcap: bool,
 }
 
 fn find_vmm(given: Option<&Path>) -> Result<PathBuf> {
@@ -132,7 +138,7 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
         .values()
         .map(|n| {
             (
-                Machine::new(n.clone(), vmm.clone(), &state, &out_dir),
+                Machine::new(n.with_network(&state), vmm.clone(), &state, &out_dir),
                 n.python_name.clone(),
             )
         })
@@ -146,6 +152,9 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
             out_dir.display()
         ),
     );
+    for n in desc.nodes.values() {
+        logger().log(Some(&n.name), &network::summary(n.number, &n.nics));
+    }
     if args.keep_state {
         logger().log(None, &format!("state kept in {}", state.display()));
     } else {
@@ -155,12 +164,38 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
         );
     }
 
+    // The switches run from before the first VM starts until after the
+    // last one stopped; whoever stops the VMs stops them.
+    let switches = match Switches::start(&desc.vlans, &state, args.pcap.then_some(&*out_dir)) {
+        Ok(s) => Arc::new(Mutex::new(Some(s))),
+        Err(e) => {
+            let _ = logger().finish(Some(&e.to_string()));
+            if !args.keep_state {
+                let _ = std::fs::remove_dir_all(&state);
+            }
+            return Err(e.into());
+        }
+    };
+    let stop_switches = |switches: &Mutex<Option<Switches>>| {
+        let taken = switches.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut s) = taken {
+            s.stop();
+        }
+    };
+    let vlans = switches
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(Switches::vlans)
+        .unwrap_or_default();
+
     // The global timeout stops everything, whatever the script is doing.
     let timeout = args.global_timeout.unwrap_or(desc.global_timeout);
     {
         let vms: Vec<Machine> = machines.iter().map(|(v, _)| v.clone()).collect();
         let state = state.clone();
         let keep = args.keep_state;
+        let switches = switches.clone();
         std::thread::Builder::new()
             .name("global-timeout".into())
             .spawn(move || {
@@ -169,6 +204,7 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
                 for vm in &vms {
                     vm.release();
                 }
+                stop_switches(&switches);
                 let _ = logger().finish(Some(&format!("global timeout of {timeout} s reached")));
                 if !keep {
                     let _ = std::fs::remove_dir_all(&state);
@@ -186,10 +222,12 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
         state_dir: &state,
         interactive: args.interactive,
         machines,
+        vlans,
     });
     for vm in &vms {
         vm.release();
     }
+    stop_switches(&switches);
     if !args.keep_state {
         let _ = std::fs::remove_dir_all(&state);
     }

@@ -134,6 +134,9 @@ pub fn run(args: &TestArgs) -> Result<u8> {
             if args.keep_state {
                 cmd.arg("--keep-state");
             }
+            if args.pcap {
+                cmd.arg("--pcap");
+            }
             if let Some(t) = args.global_timeout {
                 cmd.arg("--global-timeout").arg(t.to_string());
             }

@@ -18,6 +18,7 @@ use pyo3::types::{PyBytes, PyDict, PyModule};
 use serde_json::Value;
 
 use crate::machine::{interrupted, Machine, MachineError as RustMachineError};
+use crate::network::Vlan;
 use crate::qmp::QmpError;
 use crate::report::logger;
 
@@ -387,6 +388,12 @@ const PACKAGE: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     (
+        "test_driver.vlan",
+        "test_driver/vlan.py",
+        include_str!("test_driver/vlan.py"),
+        false,
+    ),
+    (
         "test_driver.polling_condition",
         "test_driver/polling_condition.py",
         include_str!("test_driver/polling_condition.py"),
@@ -506,6 +513,8 @@ pub struct RunSpec<'a> {
     pub interactive: bool,
     /// (machine, pythonized name) in node order.
     pub machines: Vec<(Machine, String)>,
+    /// The VLANs with a switch, ascending.
+    pub vlans: Vec<Vlan>,
 }
 
 /// Runs the test script (or the REPL); returns the exit status.
@@ -535,6 +544,19 @@ pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
         kwargs.set_item("state_dir", spec.state_dir.display().to_string())?;
         kwargs.set_item("interactive", spec.interactive)?;
         kwargs.set_item("cores", cores)?;
+        // (number, socket directory, socket) each.
+        let vlans: Vec<(u8, String, String)> = spec
+            .vlans
+            .iter()
+            .map(|v| {
+                (
+                    v.nr,
+                    v.socket_dir.display().to_string(),
+                    v.socket.display().to_string(),
+                )
+            })
+            .collect();
+        kwargs.set_item("vlans", vlans)?;
         let status = module
             .getattr("main")?
             .call((), Some(&kwargs))

@@ -249,7 +249,6 @@ pub struct SwitchHandle {
 
 impl SwitchHandle {
     /// The socket VMs connect to.
-    #[cfg_attr(not(test), expect(dead_code, reason = "for the test runner"))]
     pub fn socket(&self) -> &Path {
         &self.socket
     }

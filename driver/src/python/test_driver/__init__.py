@@ -2,7 +2,7 @@
 
 This package mirrors nixpkgs' nixos/lib/test-driver/src/test_driver: the
 same module names (errors, logger, polling_condition, qmp, machine,
-driver) and, where a test script can see it, the same names, parameters,
+vlan, driver) and, where a test script can see it, the same names, parameters,
 defaults, return values, log lines and exception texts (the stable
 24.11-25.11 API, with the 2026 spellings accepted too).
 

@@ -14,13 +14,15 @@ Every machine is released however the run ends.
 import os
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import _skiff
 from test_driver.errors import MachineError, NotSupported, RequestedAssertionFailed
 from test_driver.logger import Logger, log
 from test_driver.machine import BaseMachine, Machine, retry
 from test_driver.polling_condition import PollingCondition
+from test_driver.vlan import VLan
 
 
 class _Assertions:
@@ -55,7 +57,9 @@ class Driver:
     """The machines of one test and the globals its script sees.
 
     `cores` are the Rust sides of the machines, in node order; each has a
-    `name` and the `python_name` it is bound to in the script.
+    `name` and the `python_name` it is bound to in the script. `vlans`
+    are the VLANs whose switches run, as (number, socket directory,
+    socket), ascending.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class Driver:
         cores: Sequence[Any],
         script: str,
         script_name: str,
+        vlans: Sequence[Tuple[int, str, str]] = (),
     ) -> None:
         self.test_name = test_name
         self.out_dir = out_dir
@@ -76,7 +81,7 @@ class Driver:
         self.logger: Logger = log
         self.polling_conditions: List[PollingCondition] = []
         self.global_timeout: Optional[float] = None
-        self.vlans: List[Any] = []
+        self.vlans: List[VLan] = [VLan(nr, Path(d), Path(s)) for nr, d, s in vlans]
         os.makedirs(os.path.join(state_dir, "shared-xchg"), exist_ok=True)
         self.machines: List[Machine] = [Machine(c, self) for c in cores]
         self._py_names: Dict[str, str] = {c.name: c.python_name for c in cores}
@@ -159,8 +164,9 @@ class Driver:
 
     def test_symbols(self) -> Dict[str, Any]:
         """The globals of the test script: the upstream symbols, each
-        machine under its Python name, and `machine` when there is just
-        one."""
+        machine under its Python name, `machine` when there is just one,
+        and each VLAN as `vlan<N>` (which wins over a machine of that
+        name, as upstream)."""
         symbols: Dict[str, Any] = {
             "start_all": self.start_all,
             "test_script": self.test_script,
@@ -188,6 +194,8 @@ class Driver:
             symbols[self._py_names[m.name]] = m
         if len(self.machines) == 1:
             symbols["machine"] = self.machines[0]
+        for v in self.vlans:
+            symbols[f"vlan{v.nr}"] = v
         return symbols
 
     def test_script(self) -> None:
@@ -240,10 +248,11 @@ def main(
     state_dir: str,
     interactive: bool,
     cores: Sequence[Any],
+    vlans: Sequence[Tuple[int, str, str]] = (),
 ) -> int:
     """Runs the test script (or, with `interactive`, a REPL with the test
     symbols and no machine started); returns the exit status."""
-    driver = Driver(test_name, out_dir, state_dir, cores, script, script_name)
+    driver = Driver(test_name, out_dir, state_dir, cores, script, script_name, vlans)
     symbols = driver.test_symbols()
     driver._symbols = symbols
     exposed = ", ".join(k for k in symbols if k not in driver._py_names.values())

@@ -4,6 +4,7 @@ report of a failed assertion."""
 import ast
 import inspect
 import unittest
+from pathlib import Path
 
 import test_driver.driver as driver_module
 from test_driver.driver import main
@@ -91,6 +92,35 @@ class SymbolsTest(DriverTestCase):
         self.driver.release()
         self.assertEqual(fake_skiff.messages("error"), ["releasing node-a: stuck"])
         self.assertEqual(self.cores[1].calls, ["release"])
+
+
+class VlanSymbolsTest(DriverTestCase):
+    node_names = ["client", "vlan2"]
+    VLANS = [(1, "/s/vlan1", "/s/vlan1/socket"), (2, "/s/vlan2", "/s/vlan2/socket")]
+
+    def test_each_vlan_is_in_vlans_and_a_global_of_its_own(self) -> None:
+        driver = self.make_driver("pass")
+        self.assertEqual(driver.vlans, [])
+        self.assertNotIn("vlan1", driver.test_symbols())
+        driver = driver_module.Driver("t", self.tmp, self.tmp, self.cores, "pass", "<t:script>", self.VLANS)
+        symbols = driver.test_symbols()
+        self.assertEqual(set(symbols), UPSTREAM_SYMBOLS | {"client", "vlan1", "vlan2"})
+        vlans = symbols["vlans"]
+        self.assertIs(vlans, driver.vlans)
+        self.assertEqual([v.nr for v in vlans], [1, 2])
+        self.assertIs(symbols["vlan1"], vlans[0])
+        # A VLAN wins over a machine of the same name, as upstream.
+        self.assertIs(symbols["vlan2"], vlans[1])
+        self.assertEqual(vlans[1].socket_dir, Path("/s/vlan2"))
+        self.assertEqual(vlans[1].socket, Path("/s/vlan2/socket"))
+        self.assertEqual(repr(vlans[0]), "<Vlan Nr. 1>")
+
+    def test_main_passes_the_vlans_to_the_script(self) -> None:
+        script = "assert [v.nr for v in vlans] == [1, 2]\nassert str(vlan2.socket_dir) == '/s/vlan2'\n"
+        self.assertEqual(main("t", script, "<t:script>", self.tmp, self.tmp, False, self.cores, self.VLANS), 0)
+        exposed = fake_skiff.messages()[0].split(": ", 1)[1].split(", ")
+        self.assertIn("vlan1", exposed)
+        self.assertEqual(main("t", "assert vlans == []\n", "<t:script>", self.tmp, self.tmp, False, self.cores), 0)
 
 
 class MainTest(DriverTestCase):

@@ -290,6 +290,11 @@ impl Machine {
         &self.0.state_dir
     }
 
+    /// The VLANs of its network cards, in card order.
+    pub fn vlans(&self) -> Vec<u8> {
+        self.0.node.nics.iter().map(|n| n.vlan).collect()
+    }
+
     fn fail(&self, message: impl Into<String>) -> MachineError {
         MachineError::Host {
             machine: self.0.name.clone(),

@@ -164,6 +164,13 @@ impl MachineCore {
         self.machine.state_dir().display().to_string()
     }
 
+    /// The VLANs of the machine's network cards, in card order (card k
+    /// is eth<k> in the guest, `virtio-net-pci.<k>` for QMP `set_link`).
+    #[getter]
+    fn vlans(&self) -> Vec<u8> {
+        self.machine.vlans()
+    }
+
     #[getter]
     fn last_exit(&self) -> Option<i32> {
         self.machine.last_exit()

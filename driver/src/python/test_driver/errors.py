@@ -62,7 +62,7 @@ class DriverInterrupted(MachineError):
 
 class NotSupported(MachineError):
     """The method needs hardware skiff-vmm does not have yet (a display,
-    a keyboard, a network card), or a QEMU start script."""
+    a keyboard, a user-mode network card), or a QEMU start script."""
 
 
 class QMPError(MachineError):

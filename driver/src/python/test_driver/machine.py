@@ -689,7 +689,7 @@ class Machine:
                 sys.stdout.write(f"(exit code {status})\n")
             sys.stdout.flush()
 
-    # -- things skiff-vmm cannot do yet --------------------------------
+    # -- monitor, network, and what skiff-vmm cannot do yet -----------
     def send_monitor_command(self, command: str) -> str:
         """Runs a human monitor (HMP) command through QMP's
         human-monitor-command and returns its output."""
@@ -697,13 +697,25 @@ class Machine:
         with self.nested(f"sending monitor command: {command}"):
             return self.qmp_client.send("human-monitor-command", {"command-line": command})
 
+    def _set_first_link(self, what: str, up: bool) -> None:
+        """QMP `set_link` on the first VLAN card (`virtio-net-pci.1`,
+        eth1 in the guest), as upstream's HMP `set_link` does."""
+        if not self._core.vlans:
+            raise MachineError(f'{self.name}: {what} needs a VLAN network card, and the node\'s "vlans" is empty')
+        self._run_polling_conditions()
+        state = "on" if up else "off"
+        with self.nested(f"{what}: set_link virtio-net-pci.1 {state}"):
+            self.qmp_client.send("set_link", {"name": "virtio-net-pci.1", "up": up})
+
     def block(self) -> None:
-        """Not available: skiff-vmm has no network card yet."""
-        raise _not_here(self, "block()", "virtio-net")
+        """Unplugs the machine's cable: takes its first VLAN card (eth1)
+        down. The driver's own connection to the guest does not use the
+        network, so commands still run."""
+        self._set_first_link("block()", False)
 
     def unblock(self) -> None:
-        """Not available: skiff-vmm has no network card yet."""
-        raise _not_here(self, "unblock()", "virtio-net")
+        """Undoes `block()`: brings the first VLAN card (eth1) back up."""
+        self._set_first_link("unblock()", True)
 
     def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
         """Not available: skiff-vmm has no user-mode network card yet."""

@@ -85,10 +85,18 @@ class FakeCore:
     arguments giving the "return" value (or raising); other QMP commands
     return {}."""
 
-    def __init__(self, name: str, python_name: Optional[str] = None, state_dir: str = "/nonexistent") -> None:
+    def __init__(
+        self,
+        name: str,
+        python_name: Optional[str] = None,
+        state_dir: str = "/nonexistent",
+        vlans: Optional[List[int]] = None,
+    ) -> None:
         self.name = name
         self.python_name = python_name or name.replace("-", "_")
         self.state_dir = state_dir
+        # The VLANs of its cards, in order (a description's default).
+        self.vlans: List[int] = [1] if vlans is None else vlans
         self.pid: Optional[int] = None
         self.running = False
         self.marked_down = False

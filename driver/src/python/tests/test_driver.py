@@ -166,7 +166,7 @@ class MainTest(DriverTestCase):
         self.assertNotIn("machine:", report)
 
     def test_machine_errors_and_other_exceptions_show_the_traceback(self) -> None:
-        for script, text in (("server.block()\n", "NotSupported: server: block() needs virtio-net"), ("1 / 0\n", "ZeroDivisionError")):
+        for script, text in (("server.screenshot('x')\n", "NotSupported: server: screenshot() needs a display"), ("1 / 0\n", "ZeroDivisionError")):
             with self.subTest(script):
                 fake_skiff.reset()
                 self.assertEqual(self.run_main(script), 1)

@@ -210,7 +210,7 @@ ip link set dev eth1 up" "$log"
 
     # Malformed parameters: each reported, the rest applied, status 1.
     fake_cards "eth0=$A" "eth1=$B"
-    run "skiff.hostname=bad_name! skiff.ip=nonsense skiff.ip=$A,192.168.1.2/24,2001:db8:1::2/64 skiff.ip=$B,192.168.300.2/24,2001:db8:2::2/64 skiff.ip=52:54:00:99:99:99,192.168.3.2/24,2001:db8:3::2/64 skiff.ip=$A,192.168.4.2/24,2001:db8:4::2/64 skiff.ip=$B,192.168.5.2/24 skiff.ip=$B,192.168.5.2/24,2001:db8:5::2/64,x skiff.ip=* skiff.ip=\$(touch\${IFS}$fake/pwned) skiff.hosts=server@1.2,@1.3,x@1,y@1.255,z@01.2,ok@3.4"
+    run "skiff.hostname=bad_name! skiff.ip=nonsense skiff.ip=$A,192.168.1.2/24,2001:db8:1::2/64 skiff.ip=$B,192.168.300.2/24,2001:db8:2::2/64 skiff.ip=52:54:00:99:99:99,192.168.3.2/24,2001:db8:3::2/64 skiff.ip=$A,192.168.4.2/24,2001:db8:4::2/64 skiff.ip=$B,192.168.5.2/24 skiff.ip=$B,192.168.5.2/24,2001:db8:5::2/64,x skiff.ip=* skiff.ip=\$(touch\${IFS}$fake/pwned) skiff.hosts=server@1.2,@1.3,x@1,y@1.255,z@01.2,ok@3.4,web_1@3.5"
     expect "malformed: status" 1 "$rc"
     for needle in "skiff.hostname=bad_name!: not a host name" \
         "skiff.ip=nonsense (card 1): expected MAC,IPV4/LEN,IPV6/LEN" \
@@ -240,7 +240,9 @@ ip link set dev eth2 up" "$log"
 192.168.1.2 server
 2001:db8:1::2 server
 192.168.3.4 ok
-2001:db8:3::4 ok" "$(cat "$fake/etc/hosts")"
+2001:db8:3::4 ok
+192.168.3.5 web_1
+2001:db8:3::5 web_1" "$(cat "$fake/etc/hosts")"
     ok "$sh: malformed parameters reported one by one, the rest applied"
 
     # A card that appears late is waited for.

@@ -3,7 +3,8 @@
 //!
 //! One queue; every device-writable descriptor of a chain is filled with
 //! bytes read from `/dev/urandom` (the same pool `getrandom(2)` uses), capped
-//! per chain so that a guest cannot keep the event loop busy.
+//! per chain and chains per event so that a guest cannot keep the event
+//! loop busy.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -13,7 +14,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{error, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{drain, ChainError, Handled};
+use super::queue::{drain, ChainError, Drained, Handled};
 use super::{
     watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
@@ -25,6 +26,9 @@ pub const RNG_DEVICE_ID: u32 = 4;
 pub const RNG_QUEUE_SIZE: u16 = 256;
 /// At most this many random bytes are given per descriptor chain.
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
+/// Most chains served per event, so that a guest posting requests as fast
+/// as it can cannot keep the event loop from the other devices.
+pub const CHAINS_PER_EVENT: usize = 64;
 
 const RANDOM_SOURCE: &str = "/dev/urandom";
 /// Event data tag of the request queue's eventfd.
@@ -71,8 +75,7 @@ impl Rng {
             return;
         };
         let (source, buf) = (&mut self.source, &mut self.buf);
-        // No chain budget: each chain costs at most MAX_BYTES_PER_CHAIN.
-        drain(active, 0, None, |mem, chain| {
+        let drained = drain(active, 0, Some(CHAINS_PER_EVENT), |mem, chain| {
             let mut writer = match chain.writer(mem) {
                 Ok(writer) => writer,
                 Err(e) => return Handled::Malformed(ChainError::Malformed(e)),
@@ -83,6 +86,12 @@ impl Rng {
             }
             Handled::Used(fill(source, buf, &mut writer, n))
         });
+        if drained == Drained::Budget {
+            // Let other devices run; come back on the next turn.
+            if let Err(e) = self.queue_events[0].write(1) {
+                warn!("virtio-rng: cannot re-arm the queue event: {e}");
+            }
+        }
     }
 }
 
@@ -316,5 +325,24 @@ mod tests {
             s.lock().activate(ctx),
             Err(ActivateError::QueueNotReady(0))
         ));
+    }
+
+    #[test]
+    fn a_full_queue_is_served_in_turns() {
+        let mut s = setup();
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 256);
+        s.activate(&mem, &[&q], false);
+        let n = CHAINS_PER_EVENT as u16 * 3 + 5;
+        for i in 0..u64::from(n) {
+            q.add_chain(&[(0x10_000 + i * 64, 16, W)]);
+        }
+        s.lock().queue_events()[0].write(1).unwrap();
+        // One turn of the loop serves one budget's worth.
+        s.em.run_with_timeout(0).unwrap();
+        assert_eq!(q.used_idx(), CHAINS_PER_EVENT as u16);
+        // The device re-armed itself: the rest follows without a notify.
+        s.settle();
+        assert_eq!(q.used_idx(), n);
     }
 }

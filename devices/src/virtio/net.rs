@@ -10,7 +10,8 @@
 //! every frame is a plain Ethernet frame with a zeroed virtio-net header.
 //!
 //! Flow control never blocks a vCPU or the event loop and loses nothing it
-//! does not count:
+//! does not count (frames in the output buffer when the connection is lost
+//! count as dropped, an upper bound: some may have reached the peer):
 //! * transmit: a chain's frame is copied into the socket's bounded output
 //!   buffer. While that buffer is full the device takes no more chains (the
 //!   guest's queue fills and its driver stops the interface) and resumes on
@@ -43,7 +44,7 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{error, info, warn};
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -77,8 +78,13 @@ pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 /// starve the other devices on the event loop.
 pub const TX_CHAINS_PER_EVENT: usize = 256;
 /// Most receive chains one frame may take (more means buffers too small
-/// to be a network driver's).
+/// to be a network driver's); never more than the receive queue holds, or
+/// the frame would wait forever for a ring that cannot hold it.
 pub const MAX_RX_CHAINS_PER_FRAME: usize = 64;
+/// Most rounds of [`Net::process_tx`] per event (a round ends where the
+/// socket pushed back and then took everything): with a fast reader and a
+/// fast guest, one event must still end.
+const TX_ROUNDS_PER_EVENT: usize = 4;
 
 const RECEIVEQ: usize = 0;
 const TRANSMITQ: usize = 1;
@@ -330,7 +336,7 @@ impl Net {
     /// Takes guest frames to the socket until the transmit queue is empty,
     /// the socket pushes back, or the per-event budget is spent.
     fn process_tx(&mut self) {
-        loop {
+        for _ in 0..TX_ROUNDS_PER_EVENT {
             // Held-back output goes first; while the socket pushes back,
             // EPOLLOUT brings the device back here.
             if self.stream.flush() == Io::WouldBlock {
@@ -379,6 +385,10 @@ impl Net {
             self.stream.flush();
             return;
         }
+        // Rounds spent: come back on the next turn of the event loop.
+        if let Err(e) = self.queue_events[TRANSMITQ].write(1) {
+            warn!("{}: cannot re-arm the transmit queue event: {e}", self.name);
+        }
     }
 
     /// Reads the socket once and gives the guest every whole frame read,
@@ -409,10 +419,14 @@ impl Net {
             let Some(active) = self.state.running() else {
                 return;
             };
+            let max_chains =
+                usize::from(active.queues[RECEIVEQ].size()).min(MAX_RX_CHAINS_PER_FRAME);
             let (stream, counters) = (&mut self.stream, &mut self.counters);
             let mut unit = RxUnit::default();
             let drained = drain(active, RECEIVEQ, None, |mem, chain| {
-                let handled = receive_into(mem, chain, stream, counters, &mut unit, mergeable);
+                let handled = receive_into(
+                    mem, chain, stream, counters, &mut unit, mergeable, max_chains,
+                );
                 if matches!(handled, Handled::Malformed(_)) {
                     // The chains of the frame so far are completed empty;
                     // the frame starts over in the next chain.
@@ -526,6 +540,7 @@ fn receive_into(
     counters: &mut NetCounters,
     unit: &mut RxUnit,
     mergeable: bool,
+    max_chains: usize,
 ) -> Handled {
     if chain.clone().any(|d| !d.is_write_only()) {
         return Handled::Malformed(ChainError::Invalid("a receive buffer is device-readable"));
@@ -539,6 +554,11 @@ fn receive_into(
         Err(e) => return Handled::Malformed(ChainError::Malformed(e)),
     };
     let room = writer.available_bytes();
+    if first && room < NET_HDR_LEN {
+        return Handled::Malformed(ChainError::Invalid(
+            "a receive buffer is too small for the header",
+        ));
+    }
     // The frame to write: whole ones only; runts, and without mergeable
     // buffers frames too large for the chain, are dropped.
     let frame_len = loop {
@@ -554,11 +574,6 @@ fn receive_into(
     let Some(frame) = stream.frame() else {
         return Handled::Stop;
     };
-    if first && room < NET_HDR_LEN {
-        return Handled::Malformed(ChainError::Invalid(
-            "a receive buffer is too small for the header",
-        ));
-    }
     let total = NET_HDR_LEN + frame_len;
     let mut wrote = 0usize;
     if first {
@@ -581,7 +596,7 @@ fn receive_into(
     // wrote <= room, a chain's length, which fits in u32.
     let wrote = wrote as u32;
     if unit.written < total {
-        if unit.chains >= MAX_RX_CHAINS_PER_FRAME {
+        if unit.chains >= max_chains {
             stream.consume();
             counters.rx_dropped += 1;
             return Handled::Malformed(ChainError::Invalid(
@@ -784,10 +799,17 @@ impl MutEventSubscriber for Net {
                 if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
                     self.process_rx();
                 }
+                if !self.stream.connected() {
+                    // Lost while the transmit queue may be waiting for
+                    // EPOLLOUT with notifications off: take it up now (its
+                    // frames are dropped and counted until reconnection).
+                    self.process_tx();
+                }
             }
             EV_TIMER => self.on_timer(),
             other => warn!("{}: unexpected event tag {other}", self.name),
         }
+        self.counters.tx_dropped += self.stream.take_lost();
         self.sync_interest(ops);
     }
 }

@@ -11,7 +11,8 @@
 //!   the length it reports, and a malformed chain is logged (rate-limited)
 //!   and completed empty, so the driver gets every buffer back;
 //! * the interrupt: raised once per drain, after the last chain, and only
-//!   when the driver asked for it (EVENT_IDX);
+//!   when the driver asked for it (EVENT_IDX), except after a unit of
+//!   several chains (below), which always signals;
 //! * a broken ring: any error from the ring itself (an available index or a
 //!   head the queue cannot hold, rings outside guest memory) is the
 //!   driver's fault and cannot be skipped over, so the device is marked

@@ -57,10 +57,17 @@ pub struct Stream {
     pub closing: Vec<UnixStream>,
     /// Bytes read, from `in_start` on not yet consumed.
     inbuf: Vec<u8>,
+    /// Where the socket is read into ([`READ_CHUNK`] bytes, allocated once).
+    scratch: Box<[u8]>,
     in_start: usize,
     /// Framed output not yet written, from `out_start` on.
     outbuf: Vec<u8>,
     out_start: usize,
+    /// Frames pushed since the output buffer was last empty.
+    queued: u64,
+    /// Frames thrown away with a lost connection, not yet taken by
+    /// [`Stream::take_lost`].
+    lost: u64,
     /// The name in log lines.
     name: String,
 }
@@ -84,9 +91,12 @@ impl Stream {
             sock,
             closing: Vec::new(),
             inbuf: Vec::new(),
+            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
             in_start: 0,
             outbuf: Vec::new(),
             out_start: 0,
+            queued: 0,
+            lost: 0,
             name: name.to_owned(),
         }
     }
@@ -136,6 +146,14 @@ impl Stream {
         self.in_start = 0;
         self.outbuf.clear();
         self.out_start = 0;
+        self.lost += std::mem::take(&mut self.queued);
+    }
+
+    /// How many frames pushed were thrown away with lost connections since
+    /// the last call (some may have reached the peer in part or whole: the
+    /// count is an upper bound).
+    pub fn take_lost(&mut self) -> u64 {
+        std::mem::take(&mut self.lost)
     }
 
     /// Framed output waiting for the socket, in bytes.
@@ -162,6 +180,7 @@ impl Stream {
         self.outbuf
             .extend_from_slice(&(frame.len() as u32).to_be_bytes());
         self.outbuf.extend_from_slice(frame);
+        self.queued += 1;
     }
 
     /// Writes buffered output until it is all written or the socket pushes
@@ -187,6 +206,7 @@ impl Stream {
         }
         self.outbuf.clear();
         self.out_start = 0;
+        self.queued = 0;
         Io::Ready
     }
 
@@ -199,16 +219,15 @@ impl Stream {
             self.inbuf.drain(..self.in_start);
             self.in_start = 0;
         }
-        let old = self.inbuf.len();
-        self.inbuf.resize(old + READ_CHUNK, 0);
-        let result = sock.read(&mut self.inbuf[old..]);
-        self.inbuf.truncate(old + *result.as_ref().unwrap_or(&0));
-        match result {
+        match sock.read(&mut self.scratch) {
             Ok(0) => {
                 self.lose("the peer closed the connection");
                 Io::Disconnected
             }
-            Ok(_) => Io::Ready,
+            Ok(n) => {
+                self.inbuf.extend_from_slice(&self.scratch[..n]);
+                Io::Ready
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Io::WouldBlock,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Io::Ready,
             Err(e) => {

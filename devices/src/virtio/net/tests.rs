@@ -32,9 +32,14 @@ struct Setup<'a> {
 impl<'a> Setup<'a> {
     /// A card on a socket pair, activated with `features` acked.
     fn new(mem: &'a GuestMemoryMmap, mergeable: bool) -> Self {
+        Self::with_rx_queue(mem, mergeable, QUEUE_SIZE)
+    }
+
+    /// [`Setup::new`] with a receive queue of `rx_size` entries.
+    fn with_rx_queue(mem: &'a GuestMemoryMmap, mergeable: bool, rx_size: u16) -> Self {
         let (ours, peer) = UnixStream::pair().unwrap();
         let looped = Looped::new(|irq| Net::from_socket(ours, MAC, irq).unwrap());
-        let rx = TestQueue::new(mem, RXQ_ADDR, QUEUE_SIZE);
+        let rx = TestQueue::new(mem, RXQ_ADDR, rx_size);
         let tx = TestQueue::new(mem, TXQ_ADDR, QUEUE_SIZE);
         {
             let mut dev = looped.lock();
@@ -550,4 +555,64 @@ fn fuzz_entry_point() {
             fuzz_queues(&data);
         }
     }
+}
+
+#[test]
+fn a_connection_lost_while_the_socket_pushed_back_frees_the_transmit_queue() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let frames: Vec<Vec<u8>> = (0..60).map(|i| frame(60_000, i as u8)).collect();
+    for f in &frames {
+        s.send(f);
+    }
+    s.kick_tx();
+    let stuck_at = s.tx.used_idx();
+    assert!((stuck_at as usize) < frames.len());
+    // The peer goes away on the receive side; no EPOLLOUT will come.
+    s.peer.shutdown(std::net::Shutdown::Both).unwrap();
+    s.run_until(|s| s.tx.used_idx() as usize == frames.len());
+    let c = s.counters();
+    assert!(c.tx_dropped > 0, "{c:?}");
+    assert!(!s.looped.lock().interrupt().needs_reset());
+}
+
+#[test]
+fn a_frame_larger_than_the_whole_receive_ring_is_dropped() {
+    let m = mem();
+    // 32 buffers of 1,526 bytes hold 48 KiB: a 60,000-byte frame never fits.
+    let mut s = Setup::with_rx_queue(&m, true, 32);
+    for _ in 0..32 {
+        s.post(1526);
+    }
+    s.kick_rx();
+    s.peer_send(&frame(60_000, 16));
+    let small = frame(100, 17);
+    s.peer_send(&small);
+    // The frame takes the whole ring, then is dropped: the chains come back
+    // empty, and receive goes on with the next frame once the guest posts
+    // buffers again (as its driver does for used ones).
+    s.run_until(|s| s.counters().rx_dropped == 1);
+    assert_eq!(s.rx.used_idx(), 32);
+    assert!(s.rx.used().iter().all(|&(_, len)| len == 0));
+    let again = s.post(1526);
+    s.kick_rx();
+    s.run_until(|s| s.counters().rx_frames == 1);
+    assert_eq!(s.rx.used().last().unwrap().1, 112);
+    assert_eq!(read_guest(&m, again + NET_HDR_LEN as u64, 100), small);
+}
+
+#[test]
+fn a_buffer_too_small_for_the_header_does_not_cost_frames() {
+    let m = mem();
+    let mut s = Setup::new(&m, false);
+    let tiny = s.alloc(8);
+    s.rx.add_chain(&[(tiny, 8, W)]);
+    let good = s.post(1526);
+    s.kick_rx();
+    let f = frame(200, 18);
+    s.peer_send(&f);
+    s.run_until(|s| s.rx.used_idx() == 2);
+    assert_eq!(s.rx.used()[1].1, 212);
+    assert_eq!(read_guest(&m, good + NET_HDR_LEN as u64, 200), f);
+    assert_eq!(s.counters().rx_dropped, 0);
 }

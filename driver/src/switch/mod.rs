@@ -10,7 +10,9 @@
 //!   port only (and nowhere when that is the port it came from). An address
 //!   seen on two live ports at once (NixOS gives two NICs of one node on
 //!   one VLAN the same MAC) floods from then on, as the hub NixOS uses would.
-//!   A port's addresses are forgotten when it disconnects.
+//!   A port's learned addresses are forgotten when it disconnects; an
+//!   address that went to flooding stays flooded for the switch's life
+//!   (correct, only less selective).
 //! - No port can stall another: forwarding never waits. Each port has a
 //!   bounded queue drained by its own writer; a frame for a full queue is
 //!   dropped and counted against that port.

@@ -44,6 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use skiff_vmm::config::MacAddr;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -331,14 +332,6 @@ impl Counters {
     }
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(m: &Mac) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
 impl fmt::Display for Counters {
     /// One line: the totals, then each port.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -356,7 +349,7 @@ impl fmt::Display for Counters {
         for p in &self.ports {
             write!(f, "; port {}", p.port)?;
             if let Some(m) = &p.mac {
-                write!(f, " {}", format_mac(m))?;
+                write!(f, " {}", MacAddr(*m))?;
             }
             if p.connected {
                 f.write_str(" (connected)")?;
@@ -401,7 +394,7 @@ impl PortStats {
     /// `port N` or `port N (mac)`, for log lines.
     fn name(&self) -> String {
         match self.mac.get() {
-            Some(m) => format!("port {} ({})", self.port, format_mac(m)),
+            Some(m) => format!("port {} ({})", self.port, MacAddr(*m)),
             None => format!("port {}", self.port),
         }
     }
@@ -536,7 +529,7 @@ impl Shared {
                 fab.stations.insert(src, Station::Shared);
                 self.log(&format!(
                     "{} is on ports {other} and {port}; frames to it flood",
-                    format_mac(&src)
+                    MacAddr(src)
                 ));
             }
             Some(Station::Shared) => {}

@@ -1,7 +1,7 @@
 //! Multi-machine tests over Skiff's VLAN switch, the NixOS way: nodes on
 //! VLANs get the NixOS addresses, MACs and /etc/hosts, and talk through
 //! virtio-net cards and one switch per VLAN (tests/nixos/net/), which a
-//! QEMU VM joins too. All four run in one test host.
+//! QEMU VM joins too. Two test hosts run two tests each.
 
 use std::path::Path;
 
@@ -43,44 +43,28 @@ fn pcap_records(p: &Path, min_records: usize) -> usize {
     records
 }
 
-#[test]
-fn nginx_router_postgresql_and_qemu_over_vlans() {
+/// Runs `tests` (name, description under tests/nixos/net/, extra
+/// arguments, time limit) in one batch labelled `label`, checks that each
+/// passed and left nothing behind, and returns their output directory.
+fn run_net_tests(label: &str, tests: &[(&str, &str, u64)]) -> std::path::PathBuf {
     fixtures();
     assert!(
         cache_dir().join("guest/rootfs.ext4").is_file(),
         "rootfs.ext4 is missing: run tests/guest/build"
     );
-    let dir = scratch_dir("net");
-    let o = run_batch(
-        "net",
-        3072,
-        &[
+    let dir = scratch_dir(&format!("{label}-out"));
+    let specs: Vec<_> = tests
+        .iter()
+        .map(|(name, args, timeout_s)| {
             skiff_run(
-                "nginx",
-                "tests/nixos/net/nginx.json --pcap",
-                &dir.join("nginx"),
-                1500,
-            ),
-            skiff_run(
-                "router",
-                "tests/nixos/net/router.json",
-                &dir.join("router"),
-                1800,
-            ),
-            skiff_run(
-                "postgresql",
-                "tests/nixos/net/postgresql.json",
-                &dir.join("postgresql"),
-                1800,
-            ),
-            skiff_run(
-                "qemu-interop",
-                "tests/nixos/net/qemu-interop.json",
-                &dir.join("qemu-interop"),
-                1500,
-            ),
-        ],
-    );
+                name,
+                &format!("tests/nixos/net/{name}.json {args}"),
+                &dir.join(name),
+                *timeout_s,
+            )
+        })
+        .collect();
+    let o = run_batch(label, 3072, &specs);
     for run in &o {
         assert_eq!(exit_of(run), 0, "{}:\n{}", run.name, run.serial);
         assert!(
@@ -90,8 +74,28 @@ fn nginx_router_postgresql_and_qemu_over_vlans() {
         );
         assert_clean(run);
     }
+    dir
+}
+
+/// A web server and its client on VLAN 1, the switch writing what it saw,
+/// and a QEMU VM on the same VLAN talking to a Skiff one.
+#[test]
+fn nginx_and_a_qemu_vm_over_a_vlan() {
+    let dir = run_net_tests(
+        "net-web",
+        &[("nginx", "--pcap", 1500), ("qemu-interop", "", 1500)],
+    );
     // The switch saw the web traffic, and wrote it as tcpdump reads it.
     pcap_records(&dir.join("nginx/vlan1.pcap"), 10);
+}
+
+/// A router between two VLANs, and a database server and its client.
+#[test]
+fn router_and_postgresql_over_vlans() {
+    let dir = run_net_tests(
+        "net-routed",
+        &[("router", "", 1800), ("postgresql", "", 1800)],
+    );
     let junit = String::from_utf8_lossy(&read(&dir.join("router/junit.xml"))).into_owned();
     assert!(junit.contains("failures=\"0\""), "{junit}");
 }

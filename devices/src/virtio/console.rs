@@ -61,6 +61,12 @@ pub const CHUNK: usize = 64 * 1024;
 pub const VCPU_WAIT: Duration = Duration::from_millis(50);
 /// How often a lost socket connection is retried.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+/// Most chains one queue event (or one readiness of the input) serves
+/// before the device thread turns to the other devices: a guest that keeps
+/// refilling its transmit queue towards a file or stdout, which never push
+/// back, would otherwise hold that thread for as long as it likes. The
+/// rest is served on the next turn of the loop.
+pub const CHAINS_PER_EVENT: usize = 64;
 
 const RECEIVEQ: usize = 0;
 const TRANSMITQ: usize = 1;
@@ -189,8 +195,9 @@ impl Console {
         self.host.has_pending_output()
     }
 
-    /// Moves guest output to the backend until the transmit queue is empty
-    /// or the backend pushes back.
+    /// Moves guest output to the backend until the transmit queue is empty,
+    /// the backend pushes back, or [`CHAINS_PER_EVENT`] chains were taken
+    /// (then the queue event is re-armed, so the event loop comes back).
     fn process_tx(&mut self) {
         // Held-back output goes first: no chain is taken while the backend
         // has not taken the last one.
@@ -201,9 +208,14 @@ impl Console {
             return;
         };
         let (host, offset) = (&mut self.host, &mut self.tx_chain_offset);
-        drain(active, TRANSMITQ, None, |mem, chain| {
+        let drained = drain(active, TRANSMITQ, Some(CHAINS_PER_EVENT), |mem, chain| {
             take_output(host, offset, mem, chain)
         });
+        if drained == Drained::Budget {
+            if let Err(e) = self.queue_events[TRANSMITQ].write(1) {
+                warn!("virtio-console: cannot re-arm the transmit queue event: {e}");
+            }
+        }
     }
 
     /// Called in the notifying vCPU's thread when the socket pushed back:
@@ -244,7 +256,9 @@ impl Console {
     }
 
     /// Moves backend input into the guest's receive buffers; called when
-    /// the input fd is readable.
+    /// the input fd is readable. At most [`CHAINS_PER_EVENT`] buffers are
+    /// filled per call: input left over keeps the fd readable, and the
+    /// event loop (level-triggered) comes back for it on its next turn.
     fn process_rx(&mut self) {
         if self.host.input_closed || !self.host.endpoint.connected() {
             return;
@@ -255,7 +269,7 @@ impl Console {
         let may_block = self.host.endpoint.input_may_block();
         let (endpoint, rx_buf) = (&mut self.host.endpoint, &mut self.rx_buf);
         let mut failure = None;
-        let drained = drain(active, RECEIVEQ, None, |mem, chain| {
+        let drained = drain(active, RECEIVEQ, Some(CHAINS_PER_EVENT), |mem, chain| {
             let mut writer = match chain.writer(mem) {
                 Ok(w) => w,
                 Err(e) => return Handled::Malformed(ChainError::Malformed(e)),

@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod snapshot;
 pub mod virtio;
 
 pub use bus::BusDevice;

@@ -5,6 +5,10 @@
 //! temp file, so a shared image can be written by the guest without being
 //! changed. Requests are parsed by [`parse_request`], which trusts nothing
 //! the guest wrote, and executed synchronously on the device event loop.
+//!
+//! In a snapshot, an overlay's written clusters are saved to a file in the
+//! snapshot directory and loaded into the restored device's own new layer;
+//! an image used as it is stays the user's (its size must match).
 
 mod disk;
 pub mod request;
@@ -27,7 +31,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use self::disk::OVERLAY_CLUSTER_SIZE;
-use self::disk::{Backend, Overlay};
+use self::disk::{Backend, Overlay, OverlayFileError};
 pub use self::request::{
     parse_request, InvalidRequest, Request, RequestError, RequestType, Segment, ID_BYTES,
     MAX_CHAIN_DESCRIPTORS,
@@ -36,6 +40,10 @@ use super::queue::{drain, Drained, Handled};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::snapshot::{
+    restore_activation, BlobDir, BlockBackendSnapshot, BlockSnapshot, DeviceExtra, DeviceSnapshot,
+    SnapshotError,
 };
 
 /// virtio device id of a block device.
@@ -169,6 +177,8 @@ fn os_message(err: &io::Error) -> String {
 /// The disk and what the guest may do with it.
 struct Disk {
     backend: Backend,
+    /// The image.
+    path: PathBuf,
     readonly: bool,
     /// Size in bytes (a whole number of sectors).
     size: u64,
@@ -378,6 +388,7 @@ impl Block {
         Ok(Block {
             disk: Disk {
                 backend,
+                path: path.clone(),
                 readonly: config.readonly,
                 size,
                 id: disk_id(config.id.as_deref(), path),
@@ -457,6 +468,116 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.state.reset();
+    }
+
+    /// Requests run to completion on the event loop, so none is in flight:
+    /// the disk is flushed, and an overlay's clusters are saved to a file
+    /// of the snapshot (none when the guest wrote nothing). A raw image is
+    /// the user's: only its path and size are recorded.
+    fn snapshot(&mut self, blobs: &BlobDir) -> Result<DeviceSnapshot, SnapshotError> {
+        let disk = &mut self.disk;
+        disk.backend
+            .flush(!disk.readonly)
+            .map_err(|source| SnapshotError::Io {
+                device: blobs.name(),
+                action: "flush disk image",
+                path: disk.path.clone(),
+                source,
+            })?;
+        let backend = match &disk.backend {
+            Backend::Raw(_) => BlockBackendSnapshot::Image {
+                path: disk.path.to_string_lossy().into_owned(),
+            },
+            Backend::Overlay(o) if o.clusters_in_layer() == 0 => {
+                BlockBackendSnapshot::Overlay { file: None }
+            }
+            Backend::Overlay(o) => {
+                let file = blobs.file_name("overlay");
+                let path = blobs.path(&file)?;
+                o.save_file(&path).map_err(|source| SnapshotError::Io {
+                    device: blobs.name(),
+                    action: "write the overlay file",
+                    path,
+                    source,
+                })?;
+                BlockBackendSnapshot::Overlay { file: Some(file) }
+            }
+        };
+        Ok(self.state.snapshot(DeviceExtra::Block(BlockSnapshot {
+            size: disk.size,
+            readonly: disk.readonly,
+            backend,
+        })))
+    }
+
+    /// The disk must have the snapshot's size and keep the guest's view:
+    /// an overlay's saved clusters are loaded into this device's own new
+    /// layer (the snapshot's file is only read); an image snapshot may be
+    /// restored over an image (the user's copy; its path may differ) or
+    /// under an overlay, but an overlay's writes cannot be restored onto a
+    /// raw image.
+    fn restore(
+        &mut self,
+        snap: &DeviceSnapshot,
+        ctx: Option<ActivateContext>,
+        blobs: &BlobDir,
+    ) -> Result<(), SnapshotError> {
+        let DeviceExtra::Block(b) = &snap.extra else {
+            return Err(snap.extra.wrong(blobs, "block"));
+        };
+        if b.size != self.disk.size {
+            return Err(SnapshotError::DiskSize {
+                device: blobs.name(),
+                snapshot: b.size,
+                this: self.disk.size,
+            });
+        }
+        let mode = |readonly: bool, overlay: bool| match (readonly, overlay) {
+            (true, _) => "read-only",
+            (false, true) => "a copy-on-write overlay",
+            (false, false) => "a writable image",
+        };
+        let snap_overlay = matches!(b.backend, BlockBackendSnapshot::Overlay { .. });
+        let this_overlay = matches!(self.disk.backend, Backend::Overlay(_));
+        if b.readonly != self.disk.readonly || (snap_overlay && !this_overlay) {
+            return Err(SnapshotError::DiskMode {
+                device: blobs.name(),
+                snapshot: mode(b.readonly, snap_overlay),
+                this: mode(self.disk.readonly, this_overlay),
+            });
+        }
+        restore_activation(self, snap, ctx, blobs, |d| &mut d.state)?;
+        match (&b.backend, &mut self.disk.backend) {
+            (BlockBackendSnapshot::Image { path }, _) => {
+                if Path::new(path) != self.disk.path {
+                    debug!(
+                        "{}: restoring a snapshot of image {path} over {}",
+                        blobs.device,
+                        self.disk.path.display()
+                    );
+                }
+            }
+            (BlockBackendSnapshot::Overlay { file: None }, Backend::Overlay(o)) => o.clear(),
+            (BlockBackendSnapshot::Overlay { file: Some(file) }, Backend::Overlay(o)) => {
+                let path = blobs.path(file)?;
+                o.load_file(&path).map_err(|e| match e {
+                    OverlayFileError::Io(source) => SnapshotError::Io {
+                        device: blobs.name(),
+                        action: "load the overlay file",
+                        path,
+                        source,
+                    },
+                    OverlayFileError::Invalid(reason) => SnapshotError::BadOverlay {
+                        device: blobs.name(),
+                        path,
+                        reason,
+                    },
+                })?;
+            }
+            // Refused above.
+            (BlockBackendSnapshot::Overlay { .. }, Backend::Raw(_)) => {}
+        }
+        Ok(())
     }
 }
 

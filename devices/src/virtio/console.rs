@@ -20,6 +20,10 @@
 //!   posted. Without one, the input fd is dropped from the event loop until
 //!   the guest notifies the receive queue.
 //!
+//! A snapshot keeps the guest output the backend had not taken yet (at
+//! most [`CHUNK`] bytes) and how far a chain taken in pieces was taken; the
+//! restored console writes it to its own backend first.
+//!
 //! This file is the device: queues, flow control and the event loop's view
 //! of the backend. The backend itself (opening, reading, writing, losing
 //! and reconnecting a socket) is in `endpoint.rs`, and the tests, which
@@ -47,6 +51,9 @@ use super::queue::{drain, ChainError, Drained, Handled};
 use super::{
     read_config_bytes, watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::snapshot::{
+    restore_activation, BlobDir, ConsoleSnapshot, DeviceExtra, DeviceSnapshot, SnapshotError,
 };
 
 /// virtio device id of a console.
@@ -526,6 +533,58 @@ impl VirtioDevice for Console {
         self.state.reset();
         self.rx_stalled = false;
         self.tx_chain_offset = 0;
+    }
+
+    /// Writes what the backend takes now of the guest output held; what
+    /// it does not take (at most [`CHUNK`] bytes) is saved, with how far
+    /// the chain at the head of the transmit queue was taken. Input is not
+    /// held: it is read only into the guest's buffers.
+    fn snapshot(&mut self, _blobs: &BlobDir) -> Result<DeviceSnapshot, SnapshotError> {
+        self.host.flush_output();
+        let pending_output = self.host.tx_buf.get(self.host.tx_pos..).unwrap_or_default();
+        Ok(self.state.snapshot(DeviceExtra::Console(ConsoleSnapshot {
+            pending_output: pending_output.to_vec(),
+            tx_chain_offset: self.tx_chain_offset as u64,
+        })))
+    }
+
+    /// The saved output is written to this console's backend once the
+    /// transport's kick sets the transmit queue going.
+    fn restore(
+        &mut self,
+        snap: &DeviceSnapshot,
+        ctx: Option<ActivateContext>,
+        blobs: &BlobDir,
+    ) -> Result<(), SnapshotError> {
+        let DeviceExtra::Console(c) = &snap.extra else {
+            return Err(snap.extra.wrong(blobs, "console"));
+        };
+        let invalid = |reason: String| SnapshotError::Invalid {
+            device: blobs.name(),
+            reason,
+        };
+        if c.pending_output.len() > CHUNK {
+            return Err(invalid(format!(
+                "{} bytes of pending output; the console holds at most {CHUNK}",
+                c.pending_output.len()
+            )));
+        }
+        // Any offset is safe (`take_output` clamps it to the chain's
+        // length), but only an activated device has a chain in progress.
+        let offset = usize::try_from(c.tx_chain_offset)
+            .ok()
+            .filter(|&o| o == 0 || snap.queues.is_some())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "transmit chain offset {} without an activated device",
+                    c.tx_chain_offset
+                ))
+            })?;
+        restore_activation(self, snap, ctx, blobs, |d| &mut d.state)?;
+        self.tx_chain_offset = offset;
+        self.host.tx_buf = c.pending_output.clone();
+        self.host.tx_pos = 0;
+        Ok(())
     }
 }
 

@@ -12,6 +12,11 @@
 //! off a queue ([`queue::drain`]: notification suppression, the per-event
 //! budget, completion, the interrupt and broken rings). A device only says
 //! what it does with one chain.
+//!
+//! Every device can also be saved and restored (snapshots, see
+//! [`crate::snapshot`]): [`DeviceState::snapshot`] and
+//! [`crate::snapshot::restore_activation`] do the part all devices share
+//! (the queues and their positions), and a device adds only its own state.
 
 pub mod block;
 pub mod console;
@@ -29,6 +34,8 @@ use log::warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::snapshot::{BlobDir, DeviceSnapshot, SnapshotError};
 
 /// Feature bit: the device speaks virtio 1.x (mandatory for mmio v2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -102,6 +109,22 @@ impl Interrupt {
     /// InterruptACK.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the status bits and the reset request as a snapshot recorded
+    /// them, without raising the line (see [`Interrupt::resend`]).
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
+    /// Raises the line again, leaving the status bits as they are: after a
+    /// restore, so that an interrupt the guest had not yet taken is not
+    /// lost (one too many is harmless: the driver reads InterruptStatus).
+    pub fn resend(&self) {
+        if let Err(e) = self.evt.write(1) {
+            warn!("virtio: cannot raise interrupt: {e}");
+        }
     }
 
     /// Clears all state on a device reset.
@@ -267,6 +290,23 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops processing and forgets the queues (driver reset).
     fn reset(&mut self);
+    /// Quiesces the device (nothing half done is left that the snapshot
+    /// cannot hold; what the backend can take now is written out) and
+    /// records its state, writing any file of its own into `blobs`. Called
+    /// by the transport with the vCPUs paused.
+    fn snapshot(&mut self, blobs: &BlobDir) -> Result<DeviceSnapshot, SnapshotError>;
+    /// Restores `snap` into this device, freshly created from the same
+    /// configuration: activates it with `ctx` (given, with the queues at the
+    /// snapshot's positions, exactly when the snapshot's device was
+    /// activated; see [`crate::snapshot::restore_activation`]), then applies
+    /// `snap.extra`, reading any file of its own from `blobs`. Nothing is
+    /// processed until the transport's `kick`.
+    fn restore(
+        &mut self,
+        snap: &DeviceSnapshot,
+        ctx: Option<ActivateContext>,
+        blobs: &BlobDir,
+    ) -> Result<(), SnapshotError>;
 }
 
 /// Registers each of `events` with the device's event loop; one that

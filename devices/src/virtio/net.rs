@@ -27,8 +27,14 @@
 //! Every chain is untrusted: a transmit chain shorter than the header, with
 //! a device-writable buffer, or holding more than a frame, and a receive
 //! chain with a device-readable buffer, are completed empty and logged by
-//! the queue core (rate-limited), never a panic. The tests, which drive the
-//! device through a peer socket, are in `net/tests.rs`.
+//! the queue core (rate-limited), never a panic.
+//!
+//! A snapshot keeps the MAC address and the link state; frames in the
+//! socket's buffers (output the peer has not taken, input not yet given to
+//! the guest) are not saved and are lost, as a network may lose any frame.
+//!
+//! The tests, which drive the device through a peer socket, are in
+//! `net/tests.rs`.
 
 mod stream;
 #[cfg(test)]
@@ -55,6 +61,9 @@ use super::queue::{drain, ChainError, Drained, Handled};
 use super::{
     read_config_bytes, watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::snapshot::{
+    restore_activation, BlobDir, DeviceExtra, DeviceSnapshot, NetSnapshot, SnapshotError,
 };
 
 /// virtio device id of a network card.
@@ -763,6 +772,50 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.state.reset();
         self.rx_stalled = false;
+    }
+
+    /// Writes what the socket takes now of the framed output; what it does
+    /// not take, and frames read but not yet given to the guest, are not
+    /// saved: they are lost with the old process, as a network may lose
+    /// any frame (a unit of receive chains never spans two drains, so no
+    /// frame is half given). The card's config space (MAC, link) is saved.
+    fn snapshot(&mut self, _blobs: &BlobDir) -> Result<DeviceSnapshot, SnapshotError> {
+        self.stream.flush();
+        let left = self.stream.pending_output();
+        if left > 0 {
+            info!(
+                "{}: {left} bytes of frames the socket did not take are not in the snapshot",
+                self.name
+            );
+        }
+        Ok(self.state.snapshot(DeviceExtra::Net(NetSnapshot {
+            mac: self.mac.0,
+            link_up: self.link_up,
+        })))
+    }
+
+    /// The card must have the snapshot's MAC address (the guest has read
+    /// it); the link is set as it was, without telling the guest (it saw
+    /// it so already).
+    fn restore(
+        &mut self,
+        snap: &DeviceSnapshot,
+        ctx: Option<ActivateContext>,
+        blobs: &BlobDir,
+    ) -> Result<(), SnapshotError> {
+        let DeviceExtra::Net(n) = &snap.extra else {
+            return Err(snap.extra.wrong(blobs, "network"));
+        };
+        if n.mac != self.mac.0 {
+            return Err(SnapshotError::Mac {
+                device: blobs.name(),
+                snapshot: MacAddr(n.mac),
+                this: self.mac,
+            });
+        }
+        restore_activation(self, snap, ctx, blobs, |d| &mut d.state)?;
+        self.link_up = n.link_up;
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ use super::{
     watch, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
+use crate::snapshot::{restore_activation, BlobDir, DeviceExtra, DeviceSnapshot, SnapshotError};
 
 /// virtio device id of an entropy source.
 pub const RNG_DEVICE_ID: u32 = 4;
@@ -146,6 +147,23 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.state.reset();
     }
+
+    /// Nothing beyond the queue: every chain is served at once.
+    fn snapshot(&mut self, _blobs: &BlobDir) -> Result<DeviceSnapshot, SnapshotError> {
+        Ok(self.state.snapshot(DeviceExtra::Rng))
+    }
+
+    fn restore(
+        &mut self,
+        snap: &DeviceSnapshot,
+        ctx: Option<ActivateContext>,
+        blobs: &BlobDir,
+    ) -> Result<(), SnapshotError> {
+        if snap.extra != DeviceExtra::Rng {
+            return Err(snap.extra.wrong(blobs, "entropy"));
+        }
+        restore_activation(self, snap, ctx, blobs, |d| &mut d.state)
+    }
 }
 
 impl MutEventSubscriber for Rng {
@@ -175,7 +193,8 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use crate::virtio::test_utils::{
-        mem, mmio_configure, read_guest, Looped, TestQueue, MEM_SIZE, R, W,
+        mem, mmio_activate, mmio_configure, mmio_read, read_guest, snapshot_through_json, Looped,
+        TestQueue, MEM_SIZE, R, W,
     };
 
     type Setup = Looped<Rng>;
@@ -346,5 +365,43 @@ mod tests {
         // The device re-armed itself: the rest follows without a notify.
         s.settle();
         assert_eq!(q.used_idx(), n);
+    }
+
+    #[test]
+    fn restored_device_goes_on_where_the_old_one_stopped() {
+        let mem = mem();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut s = setup();
+        let mut t = s.transport(&mem, "rng0");
+        mmio_activate(&mut t, VIRTIO_F_RING_EVENT_IDX as u32, &[&q]);
+        for i in 0..3 {
+            q.add_chain(&[(0x10_000 + i * 0x100, 16, W)]);
+        }
+        s.settle();
+        assert_eq!(q.used_idx(), 3);
+        // Made available while the VM is paused: not served yet.
+        q.add_chain(&[(0x20_000, 32, W)]);
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let snap = snapshot_through_json(&mut t, dir.as_path());
+        let queues = snap.device.queues.as_ref().unwrap();
+        assert_eq!((queues[0].next_avail, queues[0].next_used), (3, 3));
+        assert_eq!(snap.device.extra, DeviceExtra::Rng);
+        assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 0);
+
+        let mut s2 = setup();
+        let mut t2 = s2.transport(&mem, "rng0");
+        t2.restore(&snap, dir.as_path()).unwrap();
+        assert_eq!(mmio_read(&mut t2, 0x70), 0xf);
+        s2.settle();
+        assert_eq!(q.used_idx(), 3, "nothing is served before the kick");
+        t2.kick();
+        s2.settle();
+        assert_eq!(q.used_idx(), 4);
+        assert_eq!(q.used_entry(3), (3, 32));
+        assert_ne!(read_guest(&mem, 0x20_000, 32), [0u8; 32]);
+        q.add_chain(&[(0x30_000, 8, W)]);
+        s2.kick(0);
+        s2.settle();
+        assert_eq!(q.used_entry(4), (4, 8));
     }
 }

@@ -3,14 +3,16 @@
 //! One guest memory layout ([`mem`], [`MEM_SIZE`]), one queue a test fills
 //! the way a guest driver would ([`TestQueue`]: write descriptors, publish
 //! heads on the available ring, read back the used ring), one device on its
-//! own event loop ([`Looped`]) and the virtio-mmio handshake
-//! ([`mmio_configure`]). Every virtio test uses these, so that a fix to how
-//! the tests play the driver is made once.
+//! own event loop ([`Looped`]), the virtio-mmio handshake
+//! ([`mmio_configure`]) and a snapshot carried as a file would carry it
+//! ([`snapshot_through_json`]). Every virtio test uses these, so that a fix
+//! to how the tests play the driver is made once.
 //!
 //! Nothing here checks the device: a test may publish anything, including
 //! chains and indexes no correct driver would, and the assertions stay in
 //! the tests.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -24,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::MmioTransport;
 use super::{ActivateContext, VirtioDevice};
+use crate::snapshot::TransportSnapshot;
 use crate::BusDevice;
 
 /// Size of the guest memory of every test: addresses at or past it are
@@ -225,6 +228,22 @@ pub fn mmio_configure(t: &mut MmioTransport, features: u32, queues: &[&TestQueue
     }
 }
 
+/// Plays the whole handshake of [`mmio_configure`], then sets DRIVER_OK.
+pub fn mmio_activate(t: &mut MmioTransport, features: u32, queues: &[&TestQueue]) {
+    mmio_configure(t, features, queues);
+    mmio_write(t, 0x70, 0xf);
+}
+
+/// Snapshots `t` (its device's files go to `dir`) and returns what a
+/// restore would read: the snapshot written as JSON and read back.
+pub fn snapshot_through_json(t: &mut MmioTransport, dir: &Path) -> TransportSnapshot {
+    let snap = t.snapshot(dir).unwrap();
+    let json = serde_json::to_string(&snap).unwrap();
+    let back: TransportSnapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, snap);
+    back
+}
+
 /// A device registered with its own event loop, as the VMM runs it.
 pub struct Looped<D> {
     /// The device, shared with the event loop.
@@ -249,6 +268,12 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Looped<D> {
     /// The device.
     pub fn lock(&self) -> MutexGuard<'_, D> {
         self.dev.lock().unwrap()
+    }
+
+    /// A virtio-mmio transport named `name` for the device.
+    pub fn transport(&self, mem: &GuestMemoryMmap, name: &str) -> MmioTransport {
+        let dev: Arc<Mutex<dyn VirtioDevice>> = self.dev.clone();
+        MmioTransport::new(mem.clone(), dev, name).unwrap()
     }
 
     /// Activates as the transport does: hands over guest memory and

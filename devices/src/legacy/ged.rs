@@ -7,9 +7,12 @@
 //! `PNP0C0C` power button device, which Linux's ACPI button driver turns
 //! into a KEY_POWER press for systemd-logind or acpid. Reading the
 //! register clears the events it reports.
+//!
+//! Its state is the pending events ([`Ged::snapshot`], [`Ged::restore`]).
 
 use vm_superio::Trigger;
 
+use crate::snapshot::{GedSnapshot, SnapshotError};
 use crate::BusDevice;
 
 /// Size of the GED's register block (one 32-bit event register).
@@ -43,6 +46,27 @@ impl<T: Trigger> Ged<T> {
     /// Events posted and not yet read by the guest.
     pub fn pending(&self) -> u32 {
         self.pending
+    }
+
+    /// The events pending.
+    pub fn snapshot(&self) -> GedSnapshot {
+        GedSnapshot {
+            pending: self.pending,
+        }
+    }
+
+    /// Takes on the events `snap` recorded (only events this GED posts).
+    /// The interrupt is not raised again: one the guest had not taken is
+    /// part of the interrupt controller's saved state.
+    pub fn restore(&mut self, snap: &GedSnapshot) -> Result<(), SnapshotError> {
+        if snap.pending & !GED_EVENT_POWER_BUTTON != 0 {
+            return Err(SnapshotError::Invalid {
+                device: "ged".into(),
+                reason: format!("pending events {:#x} include unknown ones", snap.pending),
+            });
+        }
+        self.pending = snap.pending;
+        Ok(())
     }
 }
 
@@ -116,5 +140,23 @@ mod tests {
         let mut g = Ged::new(EventFdTrigger::new(evt.try_clone().unwrap()));
         g.press_power_button().unwrap();
         assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn restore_takes_pending_events_and_refuses_unknown_ones() {
+        let mut g = Ged::new(Counter::default());
+        assert_eq!(g.snapshot().pending, 0);
+        g.press_power_button().unwrap();
+        let snap = g.snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: GedSnapshot = serde_json::from_str(&json).unwrap();
+        let irq = Counter::default();
+        let mut r = Ged::new(irq.clone());
+        r.restore(&back).unwrap();
+        assert_eq!(irq.0.load(Ordering::SeqCst), 0, "no interrupt of its own");
+        assert_eq!(read(&mut r, 0, 4), 1u32.to_le_bytes());
+        let e = r.restore(&GedSnapshot { pending: 6 }).unwrap_err();
+        assert!(e.to_string().contains("pending events 0x6"), "{e}");
+        assert_eq!(r.pending(), 0);
     }
 }

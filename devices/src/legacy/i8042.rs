@@ -8,6 +8,9 @@ const COMMAND_OFFSET: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
 /// The i8042 at ports 0x60-0x64.
+///
+/// It holds no state (its status always reads 0): a snapshot has nothing
+/// of it to save.
 pub struct I8042 {
     events: PowerEventSink,
 }

@@ -19,6 +19,9 @@ const SLP_TYP_MASK: u8 = 0b111;
 ///
 /// A write of [`ACPI_RESET_VALUE`] resets the machine; a write with SLP_EN
 /// set and SLP_TYP = 5 powers it off. Other writes are logged and ignored.
+///
+/// It holds no state (reads are 0, writes act at once): a snapshot has
+/// nothing of it to save.
 pub struct AcpiPmPort {
     events: PowerEventSink,
 }
@@ -59,6 +62,8 @@ const PVPANIC_CRASH_LOADED: u8 = 1 << 1;
 
 /// QEMU's pvpanic device (ACPI id `QEMU0001`), one I/O port: the guest
 /// kernel writes bit 0 when it panics.
+///
+/// It holds no state: a snapshot has nothing of it to save.
 pub struct PvPanic {
     events: PowerEventSink,
 }

@@ -1,10 +1,15 @@
 //! The 8250 UART (as ttyS0), built on vm-superio.
+//!
+//! Its state can be saved ([`Serial::snapshot`]) and restored into a UART
+//! built by the new process ([`Serial::restore`]), which keeps its own
+//! interrupt eventfd and output.
 
 use std::io::{self, Write};
 
 use log::warn;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 
+use crate::snapshot::{SerialSnapshot, SnapshotError};
 use crate::{BusDevice, EventFdTrigger};
 
 /// Size of the UART's port range (8 registers).
@@ -139,6 +144,90 @@ impl Serial {
     /// Writes out any output held back (the end of an unfinished line).
     pub fn flush(&mut self) -> io::Result<()> {
         self.inner.writer_mut().push()
+    }
+
+    /// The UART's registers, the input the guest has not read, and the
+    /// output held back for the end of its line.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+            held_output: self.inner.writer().held.clone(),
+        }
+    }
+
+    /// Takes on the state `snap` recorded, keeping this UART's interrupt
+    /// (the same eventfd, through a duplicate of its fd) and output; the
+    /// interrupt is raised if the state has one pending and enabled, and
+    /// held output goes out with the next flush. Refuses a state the UART
+    /// cannot have (a FIFO over 64 bytes, unknown interrupt bits, more held
+    /// output than `SERIAL_HOLD_MAX`), leaving this UART unchanged.
+    pub fn restore(&mut self, snap: &SerialSnapshot) -> Result<(), SnapshotError> {
+        let invalid = |reason: String| SnapshotError::Invalid {
+            device: "serial".into(),
+            reason,
+        };
+        // IER: the four interrupts of a 16550A; IIR: none, THR empty,
+        // received data (the model has no others).
+        if snap.interrupt_enable & !0x0f != 0 || snap.interrupt_identification & !0x07 != 0 {
+            return Err(invalid(format!(
+                "interrupt registers IER {:#x}, IIR {:#x} have bits the UART never sets",
+                snap.interrupt_enable, snap.interrupt_identification
+            )));
+        }
+        if snap.held_output.len() > SERIAL_HOLD_MAX {
+            return Err(invalid(format!(
+                "{} bytes of held output; at most {SERIAL_HOLD_MAX} are held",
+                snap.held_output.len()
+            )));
+        }
+        let state = SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let evt = self
+            .irq_eventfd()
+            .try_clone()
+            .map_err(|source| SnapshotError::Host {
+                device: "serial".into(),
+                what: "duplicate the interrupt eventfd",
+                source,
+            })?;
+        // Built over a sink first: if vm-superio refuses the state (a FIFO
+        // too long) or cannot raise the interrupt, this UART keeps its
+        // output.
+        let mut inner = vm_superio::Serial::from_state(
+            &state,
+            EventFdTrigger::new(evt),
+            NoEvents,
+            SerialOutput::sink(),
+        )
+        .map_err(|e| invalid(format!("the UART refuses the state: {e}")))?;
+        std::mem::swap(inner.writer_mut(), self.inner.writer_mut());
+        self.inner = inner;
+        let out = self.inner.writer_mut();
+        out.held.clear();
+        if let Err(e) = out.write_all(&snap.held_output) {
+            warn!("serial: cannot write the restored output: {e}");
+        }
+        Ok(())
     }
 }
 
@@ -328,5 +417,108 @@ mod tests {
         s.read(0, &mut data);
         assert_eq!(data, [0; 4]);
         assert!(out.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn restore_takes_registers_input_and_held_output() {
+        let (mut s, out) = serial();
+        s.write(3, &[0x80]); // DLAB
+        s.write(0, &[0x01]);
+        s.write(1, &[0x00]);
+        s.write(3, &[0x03]);
+        s.write(7, &[0x5a]);
+        s.write(4, &[0x0b]);
+        s.write(1, &[0x01]); // received-data interrupt on
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        for b in b"login: " {
+            s.write(0, &[*b]);
+        }
+        let snap = s.snapshot();
+        assert_eq!(snap.in_buffer, b"abc");
+        assert_eq!(snap.held_output, b"login: ");
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+
+        // A new UART whose interrupt eventfd the test also holds.
+        let evt = EventFd::new(libc_nonblock()).unwrap();
+        let irq = evt.try_clone().unwrap();
+        let out2 = Shared::default();
+        let mut r = Serial::new(
+            EventFdTrigger::new(evt),
+            SerialOutput::writer(Box::new(out2.clone())),
+        );
+        r.restore(&back).unwrap();
+        assert_eq!(r.snapshot(), snap);
+        // The pending received-data interrupt is raised again, on the
+        // same eventfd.
+        assert_eq!(irq.read().unwrap(), 1);
+        let reg = |r: &mut Serial, off| {
+            let mut b = [0u8];
+            r.read(off, &mut b);
+            b[0]
+        };
+        assert_eq!(reg(&mut r, 3), 0x03);
+        assert_eq!(reg(&mut r, 7), 0x5a);
+        assert_eq!(reg(&mut r, 4), 0x0b);
+        assert_eq!(reg(&mut r, 1), 0x01);
+        assert_eq!([reg(&mut r, 0), reg(&mut r, 0), reg(&mut r, 0)], *b"abc");
+        assert_eq!(reg(&mut r, 5) & 1, 0, "no more data");
+        // The held prompt goes to the new output, not the old one.
+        assert!(out2.0.lock().unwrap().is_empty());
+        r.flush().unwrap();
+        assert_eq!(&*out2.0.lock().unwrap(), b"login: ");
+        assert!(out.0.lock().unwrap().is_empty());
+        r.write(0, b"\n");
+        assert_eq!(&*out2.0.lock().unwrap(), b"login: \n");
+    }
+
+    #[test]
+    fn restore_refuses_a_state_the_uart_cannot_have() {
+        let (s, _) = serial();
+        let good = s.snapshot();
+        let cases = [
+            (
+                SerialSnapshot {
+                    in_buffer: vec![0; 65],
+                    ..good.clone()
+                },
+                "refuses the state",
+            ),
+            (
+                SerialSnapshot {
+                    interrupt_enable: 0x10,
+                    ..good.clone()
+                },
+                "IER 0x10",
+            ),
+            (
+                SerialSnapshot {
+                    interrupt_identification: 0x08,
+                    ..good.clone()
+                },
+                "IIR 0x8",
+            ),
+            (
+                SerialSnapshot {
+                    held_output: vec![b'x'; SERIAL_HOLD_MAX + 1],
+                    ..good.clone()
+                },
+                "held output",
+            ),
+        ];
+        for (bad, why) in cases {
+            let (mut r, out) = serial();
+            r.write(7, &[0x42]);
+            let e = r.restore(&bad).unwrap_err();
+            assert!(e.to_string().starts_with("serial: "), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+            // Unchanged, output included.
+            let mut b = [0u8];
+            r.read(7, &mut b);
+            assert_eq!(b[0], 0x42);
+            r.write(0, b"\n");
+            assert_eq!(&*out.0.lock().unwrap(), b"\n");
+        }
     }
 }

@@ -61,6 +61,7 @@ pub fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 /// [`TestQueue::publish`] write any descriptor and any head, for chains no
 /// correct driver would make.
 pub struct TestQueue<'a> {
+    mem: &'a GuestMemoryMmap,
     vq: MockSplitQueue<'a, GuestMemoryMmap>,
     size: u16,
     /// The descriptor table slot the next [`TestQueue::add_chain`] uses.
@@ -73,12 +74,31 @@ impl<'a> TestQueue<'a> {
     /// A queue of `size` entries whose descriptor table starts at `base`.
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         TestQueue {
+            mem,
             vq: MockSplitQueue::create(mem, GuestAddress(base), size),
             size,
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
         }
+    }
+
+    /// Copies all of guest memory into `into`, as a VM restored from a
+    /// snapshot taken now gets it, and returns this queue over that copy,
+    /// the driver's state included.
+    pub fn fork<'b>(&self, into: &'b GuestMemoryMmap) -> TestQueue<'b> {
+        // Creating the mock queue zeroes its indexes: the copy comes after.
+        let forked = TestQueue {
+            mem: into,
+            vq: MockSplitQueue::create(into, self.vq.start(), self.size),
+            size: self.size,
+            next_desc: self.next_desc,
+            avail_idx: self.avail_idx,
+            used_seen: self.used_seen,
+        };
+        into.write_slice(&read_guest(self.mem, 0, MEM_SIZE), GuestAddress(0))
+            .unwrap();
+        forked
     }
 
     /// The device's view of this queue, configured and ready.

@@ -10,7 +10,14 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::virtio::test_utils::{self, mem, read_guest, Looped, TestQueue, NEXT, R, W};
+use vmm_sys_util::tempdir::TempDir;
+
+use crate::snapshot::{BlockBackendSnapshot, TransportSnapshot};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_utils::{
+    self, mem, mmio_activate, mmio_read, read_guest, snapshot_through_json, Looped, TestQueue,
+    NEXT, R, W,
+};
 use crate::virtio::INT_VRING;
 
 const MEM_SIZE: u64 = test_utils::MEM_SIZE as u64;
@@ -866,4 +873,294 @@ fn fuzz_entry_point() {
             fuzz_parse(&data);
         }
     }
+}
+
+/// A block device on its own event loop behind a transport named `vda`,
+/// as the VMM runs it.
+struct Vm {
+    blk: Looped<Block>,
+    t: MmioTransport,
+}
+
+impl Vm {
+    fn new(m: &GuestMemoryMmap, cfg: &BlockConfig) -> Self {
+        let blk = Looped::new(|irq| Block::new(cfg, irq).unwrap());
+        let t = blk.transport(m, "vda");
+        Vm { blk, t }
+    }
+
+    /// The driver brings the device up with queue `vq`.
+    fn boot(m: &GuestMemoryMmap, cfg: &BlockConfig, vq: &TestQueue) -> Self {
+        let mut vm = Vm::new(m, cfg);
+        mmio_activate(&mut vm.t, VIRTIO_F_RING_EVENT_IDX as u32, &[vq]);
+        vm.blk.settle();
+        vm
+    }
+
+    /// A new VM restored from `snap`, kicked and run.
+    fn restored(
+        m: &GuestMemoryMmap,
+        cfg: &BlockConfig,
+        snap: &TransportSnapshot,
+        dir: &Path,
+    ) -> Self {
+        let mut vm = Vm::new(m, cfg);
+        vm.t.restore(snap, dir).unwrap();
+        vm.t.kick();
+        vm.blk.settle();
+        vm
+    }
+
+    /// Submits one request on `vq`, runs the device, and checks that it
+    /// was completed as the next used entry; returns the used length.
+    fn submit(&mut self, vq: &mut TestQueue, parts: &[(u64, u32, u16)]) -> u32 {
+        let next_used = vq.used_idx();
+        let head = vq.add_chain(parts);
+        self.blk.kick(0);
+        self.blk.settle();
+        assert_eq!(vq.used_idx(), next_used.wrapping_add(1));
+        let (id, len) = vq.used_entry(next_used);
+        assert_eq!(id, u32::from(head));
+        len
+    }
+
+    fn write(&mut self, m: &GuestMemoryMmap, vq: &mut TestQueue, sector: u64, data: &[u8]) {
+        header(m, VIRTIO_BLK_T_OUT, sector);
+        m.write_slice(data, GuestAddress(DATA)).unwrap();
+        let len = data.len() as u32;
+        self.submit(vq, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(status(m), OK);
+    }
+
+    fn read(
+        &mut self,
+        m: &GuestMemoryMmap,
+        vq: &mut TestQueue,
+        sector: u64,
+        len: usize,
+    ) -> Vec<u8> {
+        header(m, VIRTIO_BLK_T_IN, sector);
+        let used = self.submit(vq, &[(HDR, 16, R), (DATA, len as u32, W), (STATUS, 1, W)]);
+        assert_eq!((status(m), used), (OK, len as u32 + 1));
+        read_guest(m, DATA, len)
+    }
+}
+
+fn overlay_config(img: &TempImage) -> BlockConfig {
+    BlockConfig {
+        overlay: true,
+        ..config(img)
+    }
+}
+
+#[test]
+fn overlay_writes_survive_a_snapshot_in_every_restored_vm() {
+    const CL: usize = OVERLAY_CLUSTER_SIZE as usize;
+    let base = pattern(4 * CL);
+    let img = TempImage::new(&base);
+    let cfg = overlay_config(&img);
+    let m = mem();
+    let mut vq = TestQueue::new(&m, 0, QSIZE);
+    let mut a = Vm::boot(&m, &cfg, &vq);
+    let mut model = base.clone();
+    a.write(&m, &mut vq, 1, &[7u8; 512]);
+    model[512..1024].fill(7);
+    a.write(&m, &mut vq, (2 * CL / 512) as u64, &vec![8u8; CL]);
+    model[2 * CL..3 * CL].fill(8);
+
+    let dir = TempDir::new().unwrap();
+    let snap = snapshot_through_json(&mut a.t, dir.as_path());
+    let queues = snap.device.queues.as_ref().unwrap();
+    assert_eq!((queues[0].next_avail, queues[0].next_used), (2, 2));
+    let DeviceExtra::Block(b) = &snap.device.extra else {
+        panic!("{:?}", snap.device.extra);
+    };
+    assert_eq!(b.size, 4 * CL as u64);
+    assert_eq!(
+        b.backend,
+        BlockBackendSnapshot::Overlay {
+            file: Some("vda.overlay".into())
+        }
+    );
+    let saved = std::fs::read(dir.as_path().join("vda.overlay")).unwrap();
+    // The guest's memory as the snapshot has it, for a second VM.
+    let m2 = mem();
+    let mut vq2 = vq.fork(&m2);
+    drop(a);
+
+    // Two VMs restored from the one snapshot, each on its own layer.
+    let mut b = Vm::restored(&m, &cfg, &snap, dir.as_path());
+    let mut c = Vm::restored(&m2, &cfg, &snap, dir.as_path());
+    assert_eq!(mmio_read(&mut b.t, 0x70), 0xf);
+    // Served from next_avail 2, completed at next_used 2.
+    assert_eq!(b.read(&m, &mut vq, 0, 4 * CL), model);
+    assert_eq!(vq.used_idx(), 3);
+    b.write(&m, &mut vq, 3, &[9u8; 512]);
+    let mut b_model = model.clone();
+    b_model[3 * 512..4 * 512].fill(9);
+    assert_eq!(b.read(&m, &mut vq, 0, 4 * CL), b_model);
+    // The other VM sees the snapshot's disk, not the first one's writes.
+    assert_eq!(c.read(&m2, &mut vq2, 0, 4 * CL), model);
+    assert_eq!(vq2.used_idx(), 3);
+    // Neither the base nor the snapshot's file changed.
+    assert_eq!(img.contents(), base);
+    assert_eq!(
+        std::fs::read(dir.as_path().join("vda.overlay")).unwrap(),
+        saved
+    );
+
+    // A restored VM is snapshotted again as any other.
+    let dir2 = TempDir::new().unwrap();
+    let again = snapshot_through_json(&mut c.t, dir2.as_path());
+    assert_eq!(
+        std::fs::read(dir2.as_path().join("vda.overlay")).unwrap(),
+        saved
+    );
+    assert_eq!(again.device.queues.unwrap()[0].next_used, 3);
+    // With nothing written, no file.
+    let m3 = mem();
+    let mut fresh = Vm::boot(&m3, &cfg, &TestQueue::new(&m3, 0, QSIZE));
+    let dir3 = TempDir::new().unwrap();
+    let empty = snapshot_through_json(&mut fresh.t, dir3.as_path());
+    let DeviceExtra::Block(b) = &empty.device.extra else {
+        panic!("not a block snapshot");
+    };
+    assert_eq!(b.backend, BlockBackendSnapshot::Overlay { file: None });
+    assert_eq!(std::fs::read_dir(dir3.as_path()).unwrap().count(), 0);
+}
+
+#[test]
+fn an_image_snapshot_records_the_image_and_restores_over_a_copy() {
+    let base = pattern(64 * 1024);
+    let img = TempImage::new(&base);
+    let cfg = config(&img);
+    let m = mem();
+    let mut vq = TestQueue::new(&m, 0, QSIZE);
+    let mut a = Vm::boot(&m, &cfg, &vq);
+    a.write(&m, &mut vq, 2, &[3u8; 512]);
+    let dir = TempDir::new().unwrap();
+    let snap = snapshot_through_json(&mut a.t, dir.as_path());
+    drop(a);
+    let DeviceExtra::Block(b) = &snap.device.extra else {
+        panic!("not a block snapshot");
+    };
+    assert_eq!(
+        b.backend,
+        BlockBackendSnapshot::Image {
+            path: img.0.to_string_lossy().into_owned()
+        }
+    );
+    assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 0);
+    // The write is in the image (flushed): a copy of it is the disk.
+    let copy = TempImage::new(&img.contents());
+    let mut b = Vm::restored(&m, &config(&copy), &snap, dir.as_path());
+    let mut model = base.clone();
+    model[1024..1536].fill(3);
+    assert_eq!(b.read(&m, &mut vq, 0, 64 * 1024), model);
+    drop(b);
+    // Or an overlay over it, as a clone of the VM would have.
+    let mut c = Vm::restored(&m, &overlay_config(&copy), &snap, dir.as_path());
+    c.write(&m, &mut vq, 0, &[4u8; 512]);
+    assert_eq!(copy.contents(), model);
+}
+
+/// Restoring `snap` into a fresh VM on `cfg` fails with `needle` in the
+/// message, naming the device, and leaves the transport reset.
+fn refused(
+    m: &GuestMemoryMmap,
+    cfg: &BlockConfig,
+    snap: &TransportSnapshot,
+    dir: &Path,
+    needle: &str,
+) -> SnapshotError {
+    let mut vm = Vm::new(m, cfg);
+    let e = vm.t.restore(snap, dir).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("vda: ") && msg.contains(needle), "{msg}");
+    assert_eq!(mmio_read(&mut vm.t, 0x70), 0);
+    assert!(!vm.blk.lock().state.is_running());
+    e
+}
+
+#[test]
+fn a_restore_refuses_another_disk_or_a_bad_overlay_file() {
+    const CL: usize = OVERLAY_CLUSTER_SIZE as usize;
+    let img = TempImage::new(&pattern(2 * CL));
+    let cfg = overlay_config(&img);
+    let m = mem();
+    let mut vq = TestQueue::new(&m, 0, QSIZE);
+    let mut a = Vm::boot(&m, &cfg, &vq);
+    a.write(&m, &mut vq, 130, &[5u8; 1024]);
+    let dir = TempDir::new().unwrap();
+    let snap = snapshot_through_json(&mut a.t, dir.as_path());
+    let file = dir.as_path().join("vda.overlay");
+    let good = std::fs::read(&file).unwrap();
+
+    // Another size of disk.
+    let bigger = TempImage::new(&pattern(3 * CL));
+    let e = refused(&m, &overlay_config(&bigger), &snap, dir.as_path(), "");
+    assert!(
+        matches!(e, SnapshotError::DiskSize { snapshot, this, .. }
+            if snapshot == 2 * CL as u64 && this == 3 * CL as u64),
+        "{e}"
+    );
+    // The overlay's writes cannot go onto an image itself.
+    let copy = TempImage::new(&img.contents());
+    let e = refused(&m, &config(&copy), &snap, dir.as_path(), "");
+    assert_eq!(
+        e.to_string(),
+        "vda: snapshot's disk is a copy-on-write overlay where this disk is a writable image"
+    );
+    // A read-only disk offers other features.
+    let ro = BlockConfig {
+        readonly: true,
+        ..config(&img)
+    };
+    let e = refused(&m, &ro, &snap, dir.as_path(), "differing bits 0x20");
+    assert!(matches!(e, SnapshotError::Features { .. }));
+
+    // A truncated, a garbled, a missing file.
+    std::fs::write(&file, &good[..good.len() - 100]).unwrap();
+    let e = refused(&m, &cfg, &snap, dir.as_path(), "truncated or extended");
+    assert!(matches!(e, SnapshotError::BadOverlay { .. }));
+    assert!(e.to_string().contains(file.to_str().unwrap()), "{e}");
+    let mut garbled = good.clone();
+    garbled[good.len() / 2] ^= 1;
+    std::fs::write(&file, &garbled).unwrap();
+    refused(&m, &cfg, &snap, dir.as_path(), "checksum");
+    std::fs::remove_file(&file).unwrap();
+    let e = refused(
+        &m,
+        &cfg,
+        &snap,
+        dir.as_path(),
+        "cannot load the overlay file",
+    );
+    assert!(matches!(e, SnapshotError::Io { .. }));
+    std::fs::write(&file, &good).unwrap();
+
+    // A file name that leaves the snapshot directory.
+    let mut escaping = snap.clone();
+    escaping.device.extra = DeviceExtra::Block(BlockSnapshot {
+        size: 2 * CL as u64,
+        readonly: false,
+        backend: BlockBackendSnapshot::Overlay {
+            file: Some("../vda.overlay".into()),
+        },
+    });
+    refused(&m, &cfg, &escaping, dir.as_path(), "is not a file name");
+    // Another device's state.
+    let mut other = snap.clone();
+    other.device.extra = DeviceExtra::Rng;
+    refused(
+        &m,
+        &cfg,
+        &other,
+        dir.as_path(),
+        "entropy device where this is a block",
+    );
+
+    // The good file still restores.
+    let mut b = Vm::restored(&m, &cfg, &snap, dir.as_path());
+    assert_eq!(b.read(&m, &mut vq, 130, 1024), vec![5u8; 1024]);
 }

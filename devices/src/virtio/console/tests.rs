@@ -12,7 +12,10 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::*;
-use crate::virtio::test_utils::{mem, read_guest, Looped, TestQueue, MEM_SIZE, R, W};
+use crate::snapshot::TransportSnapshot;
+use crate::virtio::test_utils::{
+    mem, mmio_activate, read_guest, snapshot_through_json, Looped, TestQueue, MEM_SIZE, R, W,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const RXQ_ADDR: u64 = 0;
@@ -712,4 +715,108 @@ fn a_flood_of_input_is_served_in_turns() {
     assert_eq!(guest.used_idx(RECEIVEQ), n);
     let got: Vec<u8> = bufs.iter().flat_map(|&b| guest.read(b, 1)).collect();
     assert_eq!(got, input);
+}
+
+#[test]
+fn output_held_at_the_snapshot_reaches_the_restored_consoles_peer() {
+    let mem = mem();
+    let mut guest = Guest::new(&mem);
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    let mut dev = Dev::on_stream(a);
+    let mut t = dev.transport(&mem, "hvc0");
+    mmio_activate(
+        &mut t,
+        VIRTIO_F_RING_EVENT_IDX as u32,
+        &[&guest.rx, &guest.tx],
+    );
+    dev.settle();
+    // A chain larger than the socket holds, taken in pieces, then more;
+    // the peer reads nothing.
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 249) as u8).collect();
+    guest.send(&[&big]);
+    let mut sent = big.clone();
+    sent.extend(guest.send_many(8));
+    dev.kick(TRANSMITQ);
+    dev.settle();
+    assert_eq!(guest.used_idx(TRANSMITQ), 0, "the big chain is not done");
+
+    let dir = TempDir::new().unwrap();
+    let snap = snapshot_through_json(&mut t, dir.as_path());
+    let DeviceExtra::Console(c) = &snap.device.extra else {
+        panic!("{:?}", snap.device.extra);
+    };
+    assert!(!c.pending_output.is_empty() && c.pending_output.len() <= CHUNK);
+    assert!(c.tx_chain_offset > 0 && c.tx_chain_offset < big.len() as u64);
+    let queues = snap.device.queues.as_ref().unwrap();
+    assert_eq!(
+        queues[TRANSMITQ].next_avail, 0,
+        "the chain stays at the head"
+    );
+    // What the old peer got is a prefix; the rest must come from the new
+    // console, nothing lost, nothing twice.
+    drop(t);
+    drop(dev);
+    let got = drain(&mut peer);
+    assert_eq!(got[..], sent[..got.len()]);
+    assert_eq!(
+        got.len() + c.pending_output.len(),
+        c.tx_chain_offset as usize,
+        "the chain's bytes taken so far went to the peer or are pending"
+    );
+
+    let (b, peer2) = UnixStream::pair().unwrap();
+    let mut dev2 = Dev::on_stream(b);
+    let mut t2 = dev2.transport(&mem, "hvc0");
+    t2.restore(&snap, dir.as_path()).unwrap();
+    t2.kick();
+    let peer2 = read_all_while_running(&mut dev2, &guest, peer2, &sent[got.len()..], 9);
+    // Completed from next_used 0 on, in order.
+    let heads: Vec<u32> = guest.used(TRANSMITQ).iter().map(|u| u.0).collect();
+    assert_eq!(heads, (0..9).collect::<Vec<u32>>());
+    drop(peer2);
+}
+
+#[test]
+fn a_restore_refuses_impossible_console_state() {
+    let mem = mem();
+    let guest = Guest::new(&mem);
+    let (a, _peer) = UnixStream::pair().unwrap();
+    let dev = Dev::on_stream(a);
+    let mut t = dev.transport(&mem, "hvc0");
+    let dir = TempDir::new().unwrap();
+    let inactive = snapshot_through_json(&mut t, dir.as_path());
+    mmio_activate(&mut t, 0, &[&guest.rx, &guest.tx]);
+    let active = snapshot_through_json(&mut t, dir.as_path());
+    let with = |snap: &TransportSnapshot, pending: usize, offset: u64| {
+        let mut snap = snap.clone();
+        snap.device.extra = DeviceExtra::Console(ConsoleSnapshot {
+            pending_output: vec![b'x'; pending],
+            tx_chain_offset: offset,
+        });
+        snap
+    };
+    let restore = |snap: &TransportSnapshot| {
+        let (b, _peer) = UnixStream::pair().unwrap();
+        let dev = Dev::on_stream(b);
+        let mut t = dev.transport(&mem, "hvc0");
+        let result = t.restore(snap, dir.as_path());
+        let held = dev.lock().host.tx_buf.len();
+        (result, held)
+    };
+    let (r, held) = restore(&with(&active, CHUNK + 1, 0));
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string().contains("65537 bytes of pending output"),
+        "{e}"
+    );
+    assert_eq!(held, 0);
+    let e = restore(&with(&inactive, 10, 5)).0.unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("hvc0: invalid snapshot: transmit chain offset 5"),
+        "{e}"
+    );
+    // Within bounds, inactive or not: output a reset left behind is kept.
+    assert_eq!(restore(&with(&inactive, CHUNK, 0)).1, CHUNK);
+    assert_eq!(restore(&with(&active, 1, u64::from(u32::MAX))).1, 1);
 }

@@ -9,8 +9,15 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use vmm_sys_util::tempdir::TempDir;
+
 use super::*;
-use crate::virtio::test_utils::{mem, read_guest, Looped, TestQueue, MEM_SIZE, R, W};
+use crate::snapshot::NetSnapshot;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_utils::{
+    mem, mmio_activate, read_guest, snapshot_through_json, Looped, TestQueue, MEM_SIZE, R, W,
+};
+use crate::BusDevice;
 
 const QUEUE_SIZE: u16 = 256;
 const RXQ_ADDR: u64 = 0;
@@ -615,4 +622,115 @@ fn a_buffer_too_small_for_the_header_does_not_cost_frames() {
     assert_eq!(s.rx.used()[1].1, 212);
     assert_eq!(read_guest(&m, good + NET_HDR_LEN as u64, 200), f);
     assert_eq!(s.counters().rx_dropped, 0);
+}
+
+/// A card with MAC `mac` on a new socket pair, behind a transport named
+/// `net0`.
+fn card_behind_transport(
+    mem: &GuestMemoryMmap,
+    mac: MacAddr,
+) -> (Looped<Net>, MmioTransport, UnixStream) {
+    let (ours, peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(WAIT)).unwrap();
+    let looped = Looped::new(|irq| Net::from_socket(ours, mac, irq).unwrap());
+    let t = looped.transport(mem, "net0");
+    (looped, t, peer)
+}
+
+#[test]
+fn the_link_and_the_queues_survive_a_snapshot() {
+    let m = mem();
+    let (looped, mut t, peer) = card_behind_transport(&m, MAC);
+    let rx = TestQueue::new(&m, RXQ_ADDR, QUEUE_SIZE);
+    let tx = TestQueue::new(&m, TXQ_ADDR, QUEUE_SIZE);
+    let features =
+        VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF;
+    mmio_activate(&mut t, features as u32, &[&rx, &tx]);
+    let mut s = Setup {
+        looped,
+        peer,
+        mem: &m,
+        rx,
+        tx,
+        next_buf: BUF_BASE,
+    };
+    s.settle();
+    let a = frame(60, 1);
+    s.send(&a);
+    s.kick_tx();
+    assert_eq!(s.peer_recv(), a);
+    s.post(2048);
+    s.kick_rx();
+    s.peer_send(&frame(100, 2));
+    s.run_until(|s| s.rx.used_idx() == 1);
+    s.looped.lock().set_link(false);
+
+    let dir = TempDir::new().unwrap();
+    let snap = snapshot_through_json(&mut t, dir.as_path());
+    assert_eq!(
+        snap.device.extra,
+        DeviceExtra::Net(NetSnapshot {
+            mac: MAC.0,
+            link_up: false
+        })
+    );
+    let queues = snap.device.queues.as_ref().unwrap();
+    assert_eq!(
+        (queues[RECEIVEQ].next_avail, queues[RECEIVEQ].next_used),
+        (1, 1)
+    );
+    assert_eq!(
+        (queues[TRANSMITQ].next_avail, queues[TRANSMITQ].next_used),
+        (1, 1)
+    );
+
+    // A card with another MAC address is refused.
+    let other = MacAddr([0x52, 0x54, 0, 0x12, 1, 9]);
+    let (_l, mut t_other, _p) = card_behind_transport(&m, other);
+    let e = t_other.restore(&snap, dir.as_path()).unwrap_err();
+    assert!(matches!(e, SnapshotError::Mac { .. }));
+    assert_eq!(
+        e.to_string(),
+        "net0: snapshot's card has MAC address 52:54:00:12:01:02 where this card has 52:54:00:12:01:09"
+    );
+
+    // The same card on a new socket goes on where the old one stopped.
+    let Setup {
+        rx, tx, next_buf, ..
+    } = s;
+    let (looped, mut t2, peer) = card_behind_transport(&m, MAC);
+    t2.restore(&snap, dir.as_path()).unwrap();
+    t2.kick();
+    let mut s = Setup {
+        looped,
+        peer,
+        mem: &m,
+        rx,
+        tx,
+        next_buf,
+    };
+    s.settle();
+    let mut config = [0u8; 8];
+    t2.read(0x100, &mut config);
+    assert_eq!(&config[..6], &MAC.0);
+    assert_eq!(&config[6..], &[0, 0], "the link is still down");
+    assert!(!s.looped.lock().link_up());
+    // Link down: a guest frame is taken (at next_avail 1) and dropped.
+    s.send(&frame(60, 3));
+    s.kick_tx();
+    assert_eq!(s.tx.used(), vec![(0, 0), (2, 0)]);
+    assert!(s.peer_has_nothing());
+    s.looped.lock().set_link(true);
+    let b = frame(70, 4);
+    s.send(&b);
+    s.kick_tx();
+    assert_eq!(s.peer_recv(), b);
+    assert_eq!(s.tx.used_entry(2), (4, 0));
+    // The receive queue goes on at next_used 1.
+    s.post(2048);
+    s.kick_rx();
+    let c = frame(80, 5);
+    s.peer_send(&c);
+    s.run_until(|s| s.rx.used_idx() == 2);
+    assert_eq!(s.rx.used_entry(1), (1, (NET_HDR_LEN + 80) as u32));
 }

@@ -655,6 +655,32 @@ pub fn fuzz_parse(data: &[u8]) -> usize {
     valid
 }
 
+/// Size of the disk of [`fuzz_overlay`]: three clusters and a short fourth.
+pub const FUZZ_OVERLAY_DISK_SIZE: u64 = 3 * OVERLAY_CLUSTER_SIZE + 4096;
+
+/// Fuzzing entry point for overlay files (from a snapshot: untrusted):
+/// `data` is loaded as an overlay file into an overlay of a disk of
+/// [`FUZZ_OVERLAY_DISK_SIZE`] bytes (in unlinked temp files). Returns
+/// whether it was accepted; must never panic or allocate by what `data`
+/// says.
+pub fn fuzz_overlay(data: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let dir = std::env::temp_dir();
+    let (Ok(base), Ok(file)) = (
+        disk::anonymous_temp_file(&dir),
+        disk::anonymous_temp_file(&dir),
+    ) else {
+        return false;
+    };
+    if base.set_len(FUZZ_OVERLAY_DISK_SIZE).is_err() || file.write_all_at(data, 0).is_err() {
+        return false;
+    }
+    let Ok(mut overlay) = Overlay::new(base, FUZZ_OVERLAY_DISK_SIZE, &dir) else {
+        return false;
+    };
+    overlay.load(file).is_ok()
+}
+
 /// The GET_ID bytes: `id`, or the file name of `path`, cut to 20 bytes.
 fn disk_id(id: Option<&str>, path: &Path) -> [u8; ID_BYTES] {
     let src: &[u8] = match id {

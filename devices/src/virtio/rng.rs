@@ -71,7 +71,7 @@ impl Rng {
 
     /// Serves every available request, then signals the guest if it asked
     /// for it.
-    fn process_queue(&mut self) {
+    pub(crate) fn process_queue(&mut self) {
         let Some(active) = self.state.running() else {
             return;
         };

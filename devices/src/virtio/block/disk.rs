@@ -99,7 +99,7 @@ fn split_segments(segments: &[Segment], at: u64) -> (Vec<Segment>, Vec<Segment>)
 
 /// An unlinked temporary file in `dir`: O_TMPFILE where the file system
 /// has it (the file never has a name), else created and removed at once.
-fn anonymous_temp_file(dir: &Path) -> io::Result<File> {
+pub fn anonymous_temp_file(dir: &Path) -> io::Result<File> {
     match OpenOptions::new()
         .read(true)
         .write(true)
@@ -251,7 +251,11 @@ impl Overlay {
     /// into the layer, in place of what it held. On error the overlay is
     /// left empty (or unchanged, if the file was refused before its data).
     pub fn load_file(&mut self, path: &Path) -> Result<(), OverlayFileError> {
-        let file = File::open(path)?;
+        self.load(File::open(path)?)
+    }
+
+    /// [`Overlay::load_file`] on an open file, read from its start.
+    pub fn load(&mut self, file: File) -> Result<(), OverlayFileError> {
         let file_len = file.metadata()?.len();
         let mut r = Reader {
             inner: BufReader::with_capacity(1 << 20, file),
@@ -723,6 +727,30 @@ mod tests {
 
         // A directory that is not there.
         assert!(src.save_file(Path::new("/nonexistent/skiff/x")).is_err());
+    }
+
+    #[test]
+    fn fuzz_entry_point() {
+        use crate::virtio::block::{fuzz_overlay, FUZZ_OVERLAY_DISK_SIZE};
+        let dir = TempDir::new().unwrap();
+        let path = dir.as_path().join("x.overlay");
+        overlay(dir.as_path(), FUZZ_OVERLAY_DISK_SIZE, &[1, 3])
+            .save_file(&path)
+            .unwrap();
+        let good = std::fs::read(&path).unwrap();
+        assert!(fuzz_overlay(&good));
+        for len in (0..good.len()).step_by(4099) {
+            assert!(!fuzz_overlay(&good[..len]), "a prefix of {len} bytes");
+        }
+        let mut x = 0x1234_5678u32;
+        for i in 0..200 {
+            let mut bad = good.clone();
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let at = x as usize % bad.len();
+            bad[at] ^= 1 << (i % 8);
+            assert!(!fuzz_overlay(&bad), "bit {} of byte {at}", i % 8);
+        }
+        assert!(!fuzz_overlay(&[0xff; 64]));
     }
 
     #[test]

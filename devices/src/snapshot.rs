@@ -31,7 +31,8 @@
 //! was activated, must lie in guest memory; nothing from a snapshot sizes an
 //! allocation beyond a bound the device sets (the console's [`CHUNK`], the
 //! serial FIFO, a disk's cluster count). A failed restore is an error, never
-//! a panic, and leaves the transport reset.
+//! a panic, and leaves the transport reset. [`fuzz_restore`] and
+//! [`crate::virtio::block::fuzz_overlay`] are the fuzzing entry points.
 //!
 //! What is not saved, on purpose:
 //! * the host side of backends: open files and sockets are those of the new

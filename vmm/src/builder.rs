@@ -13,6 +13,13 @@
 //!    describe the devices of steps 4 and 5;
 //! 7. [`create_vcpus`]: configured for a 64-bit Linux entry.
 //!
+//! A restore (`--incoming file:DIR`) follows the same recipe with the
+//! snapshot in place of the kernel: step 1 reads and checks the snapshot
+//! and maps its memory file as guest RAM instead of loading images;
+//! step 6 is skipped (the boot data is in the restored memory); step 7
+//! creates the vCPUs bare, and [`restore_state`] then puts the saved
+//! device, VM and vCPU state in, devices first.
+//!
 //! Nothing runs until [`Vm::run`].
 
 use std::fs::File;
@@ -48,6 +55,7 @@ use crate::event_loop::SerialInput;
 use crate::exit::ExitReason;
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{self, GuestRam};
+use crate::snapshot::{self, MachineShape, VmSnapshot};
 use crate::sync::lock;
 use crate::vm::{MainChannel, Vm};
 
@@ -72,16 +80,25 @@ impl Vm {
             return Err(VmError::Cpus(config.cpus));
         }
         // 1. Everything the user named, before KVM is touched.
-        let mem = memory::create_guest_memory(config.memory_mib)?;
-        let images = load_guest_images(&mem, &config)?;
         let opened = create_virtio_devices(&config)?;
+        let (mem, source) = match &config.incoming {
+            None => {
+                let mem = memory::create_guest_memory(config.memory_mib)?;
+                let images = load_guest_images(&mem, &config)?;
+                debug!(
+                    "kernel entry {:#x}, initrd {:?}, {} MiB, {} vCPUs",
+                    images.kernel.entry.0, images.initrd, config.memory_mib, config.cpus
+                );
+                (mem, Source::Boot(images))
+            }
+            Some(dir) => {
+                let (mem, snapshot) = open_snapshot(dir, &config, &opened.virtio)?;
+                (mem, Source::Snapshot(dir.clone(), Box::new(snapshot)))
+            }
+        };
         let monitors = monitor_sockets(&config)?;
         let info = machine_info(&config, opened.disks);
         let virtio = opened.virtio;
-        debug!(
-            "kernel entry {:#x}, initrd {:?}, {} MiB, {} vCPUs",
-            images.kernel.entry.0, images.initrd, config.memory_mib, config.cpus
-        );
 
         let kvm = open_kvm(&config.kvm_device)?;
         let vm = create_vm(&kvm)?;
@@ -89,8 +106,18 @@ impl Vm {
         let main = MainChannel::new().map_err(setup_err("the main thread's channel"))?;
         let legacy = attach_legacy_devices(&vm, &config, &main)?;
         let virtio = attach_virtio_devices(&vm, &mem, virtio)?;
-        write_boot_data(&mem, &config, &images, &virtio.manager)?;
-        let vcpus = create_vcpus(&kvm, &vm, config.cpus, &images.kernel)?;
+        let vcpus = match &source {
+            Source::Boot(images) => {
+                write_boot_data(&mem, &config, images, &virtio.manager)?;
+                create_vcpus(&kvm, &vm, config.cpus, Some(&images.kernel))?
+            }
+            Source::Snapshot(dir, snapshot) => {
+                let vcpus = create_vcpus(&kvm, &vm, config.cpus, None)?;
+                restore_state(dir, snapshot, &vm, &vcpus, &legacy, &virtio.manager)?;
+                vcpus
+            }
+        };
+        let msrs_to_save = snapshot::vcpu::msrs_to_save(&kvm)?;
         let vcpu_mmap_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -110,6 +137,9 @@ impl Vm {
         };
         let mut manager = virtio.manager;
         Ok(Vm {
+            restored: matches!(source, Source::Snapshot(..)),
+            transports: manager.transports().to_vec(),
+            msrs_to_save,
             config,
             vcpus,
             pio: Arc::new(legacy.pio),
@@ -127,6 +157,79 @@ impl Vm {
             _mem: std::mem::ManuallyDrop::new(mem),
         })
     }
+}
+
+/// Where the guest's first state comes from.
+enum Source {
+    /// A kernel boot.
+    Boot(GuestImages),
+    /// A snapshot directory and what its state file holds.
+    Snapshot(std::path::PathBuf, Box<VmSnapshot>),
+}
+
+/// Step 1 of a restore: reads and checks the snapshot in `dir` against
+/// this VM's shape (memory, vCPUs, the virtio devices just opened) and
+/// maps its memory file as guest RAM.
+fn open_snapshot(
+    dir: &std::path::Path,
+    config: &VmConfig,
+    devices: &[VirtioHandle],
+) -> Result<(GuestRam, VmSnapshot), VmError> {
+    let snapshot = snapshot::read_state(dir)?;
+    snapshot.check_fits(&MachineShape {
+        memory_mib: config.memory_mib,
+        cpus: config.cpus,
+        devices: devices.iter().map(|d| d.name().to_owned()).collect(),
+    })?;
+    let expected: Vec<(u64, u64)> = memory::ram_ranges(config.memory_mib << 20)
+        .iter()
+        .map(|&(start, len)| (start.0, len as u64))
+        .collect();
+    if snapshot.memory_regions != expected {
+        return Err(snapshot::SnapshotError::Invalid(format!(
+            "memory regions {:?}, a {} MiB VM has {expected:?}",
+            snapshot.memory_regions, config.memory_mib
+        ))
+        .into());
+    }
+    let total = expected.iter().map(|r| r.1).sum();
+    let file = snapshot::open_memory(dir, total)?;
+    let mem = memory::create_guest_memory_from_file(config.memory_mib, &file)?;
+    Ok((mem, snapshot))
+}
+
+/// The last step of a restore: the saved state of the devices (first:
+/// restoring a device may raise its interrupt, which the saved irqchip
+/// state then overrides as it stood), the VM (PIT, clock, irqchips) and
+/// each vCPU, into the freshly built VM.
+fn restore_state(
+    dir: &std::path::Path,
+    snapshot: &VmSnapshot,
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    legacy: &LegacyDevices,
+    virtio: &DeviceManager,
+) -> Result<(), VmError> {
+    let device_err = |device: &str| {
+        let device = device.to_owned();
+        move |source| snapshot::SnapshotError::Device { device, source }
+    };
+    for ((name, transport), saved) in virtio.transports().iter().zip(&snapshot.virtio) {
+        lock(transport)
+            .restore(&saved.state, dir)
+            .map_err(device_err(name))?;
+    }
+    lock(&legacy.serial)
+        .restore(&snapshot.serial)
+        .map_err(device_err("the serial port"))?;
+    lock(&legacy.ged)
+        .restore(&snapshot.ged)
+        .map_err(device_err("the GED"))?;
+    snapshot.vm.restore(vm)?;
+    for (index, (vcpu, state)) in vcpus.iter().zip(&snapshot.vcpus).enumerate() {
+        snapshot::vcpu::restore(vcpu, index, state)?;
+    }
+    Ok(())
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -499,12 +602,13 @@ fn write_boot_data(
 }
 
 /// Step 7: the vCPUs, each with its CPUID, MSRs, registers and LAPIC set
-/// for the kernel's 64-bit entry point.
+/// for the kernel's 64-bit entry point; bare (for a restore) without a
+/// kernel.
 fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
     count: u8,
-    kernel: &LoadedKernel,
+    kernel: Option<&LoadedKernel>,
 ) -> Result<Vec<VcpuFd>, VmError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -515,7 +619,9 @@ fn create_vcpus(
         let vcpu = vm
             .create_vcpu(u64::from(index))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        cpu::configure_vcpu(&vcpu, index, count, &supported, tsc_deadline, kernel.entry)?;
+        if let Some(kernel) = kernel {
+            cpu::configure_vcpu(&vcpu, index, count, &supported, tsc_deadline, kernel.entry)?;
+        }
         vcpus.push(vcpu);
     }
     Ok(vcpus)

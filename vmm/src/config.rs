@@ -407,6 +407,29 @@ pub struct VmConfig {
     /// Name of this VM in log lines.
     #[arg(long, value_name = "NAME", default_value = "vm")]
     pub name: String,
+
+    /// Restore the VM saved by `migrate file:DIR` (QMP or HMP) instead of
+    /// booting the kernel: file:DIR. The rest of the command line must
+    /// give the same memory, vCPUs and devices (their backends may
+    /// differ: a new console socket, say); a snapshot that does not fit
+    /// is refused.
+    #[arg(long, value_name = "file:DIR", value_parser = parse_incoming)]
+    pub incoming: Option<PathBuf>,
+
+    /// Start with the vCPUs paused (QEMU's -S), until QMP/HMP `cont`.
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+}
+
+/// `--incoming file:DIR`: the snapshot directory.
+pub fn parse_incoming(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("file:") {
+        Some("") => Err("file: needs the snapshot directory after it".into()),
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Err(format!(
+            "'{s}': only file:DIR is supported (the directory `migrate file:DIR` wrote)"
+        )),
+    }
 }
 
 impl VmConfig {
@@ -428,6 +451,8 @@ impl VmConfig {
             qmp: Vec::new(),
             monitor: Vec::new(),
             name: "vm".into(),
+            incoming: None,
+            paused: false,
         }
     }
 
@@ -482,6 +507,12 @@ impl VmConfig {
             a.push(format!("--monitor={monitor}"));
         }
         a.push(format!("--name={}", self.name));
+        if let Some(dir) = &self.incoming {
+            a.push(format!("--incoming=file:{}", path(dir)));
+        }
+        if self.paused {
+            a.push("--paused".into());
+        }
         a
     }
 }
@@ -724,6 +755,8 @@ mod tests {
             })
             .collect();
         c.name = r.text(1);
+        c.incoming = r.flip().then(|| r.path());
+        c.paused = r.flip();
         c
     }
 

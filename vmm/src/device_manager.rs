@@ -231,7 +231,12 @@ pub struct DeviceManager {
     dsdt: Vec<u8>,
     cmdline: Vec<String>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    transports: Vec<NamedTransport>,
 }
+
+/// A virtio device's transport, by the device's name (vda, eth1, hvc0,
+/// rng): what a snapshot saves and restores.
+pub type NamedTransport = (String, Arc<Mutex<MmioTransport>>);
 
 impl DeviceManager {
     /// No devices yet.
@@ -286,7 +291,9 @@ impl DeviceManager {
                 detail: e.to_string(),
             }
         })?;
-        bus.insert(slot.base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push((name.to_owned(), transport.clone()));
+        bus.insert(slot.base, MMIO_WINDOW_SIZE, transport)
             .map_err(|source| DeviceError::Bus {
                 device: name.to_owned(),
                 source,
@@ -310,6 +317,11 @@ impl DeviceManager {
     }
 
     /// Takes the devices' event subscribers for the event loop.
+    /// The transports, in guest order.
+    pub fn transports(&self) -> &[NamedTransport] {
+        &self.transports
+    }
+
     pub fn take_subscribers(&mut self) -> Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> {
         std::mem::take(&mut self.subscribers)
     }

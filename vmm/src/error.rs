@@ -7,6 +7,7 @@ use crate::config::MAX_CPUS;
 use crate::cpu::CpuError;
 use crate::device_manager::DeviceError;
 use crate::memory::MemoryError;
+use crate::snapshot::SnapshotError;
 
 /// Errors that stop a VM from starting.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,10 @@ pub enum VmError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A snapshot to restore (`--incoming`) is unreadable, invalid or
+    /// does not fit this VM.
+    #[error("cannot restore the snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
     /// Platform wiring (buses, eventfds, threads).
     #[error("cannot set up {what}: {detail}")]
     Setup { what: &'static str, detail: String },

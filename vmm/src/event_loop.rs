@@ -8,7 +8,9 @@
 //!   output the UART holds back (an unfinished line, such as a prompt)
 //!   and guest writes KVM queued in the coalesced ring that no exit
 //!   followed;
-//! - [`SignalSource`]: SIGTERM and SIGINT, which end the VM.
+//! - [`SignalSource`]: SIGTERM and SIGINT, which end the VM;
+//! - [`LoopPause`]: holds the whole loop still while a snapshot is taken
+//!   (no device may move a ring between its saved state and guest memory).
 //!
 //! The main thread thus only waits for the VM's end, and every timer of
 //! the VMM is a timerfd on this loop.
@@ -293,6 +295,114 @@ impl MutEventSubscriber for SignalSource {
     }
 }
 
+#[derive(Default)]
+struct PauseState {
+    /// A holder wants the loop stopped.
+    requested: bool,
+    /// The loop thread is stopped in [`LoopPause`].
+    parked: bool,
+}
+
+type PauseShared = Arc<(Mutex<PauseState>, std::sync::Condvar)>;
+
+/// A subscriber that stops the device thread on request: its event makes
+/// the thread wait inside the loop's dispatch, so no other subscriber runs
+/// until the [`LoopHold`] is dropped. Events that arrive meanwhile wait in
+/// epoll (level-triggered) and are served afterwards.
+pub struct LoopPause {
+    evt: EventFd,
+    shared: PauseShared,
+}
+
+/// Stops the device loop that the matching [`LoopPause`] runs in.
+#[derive(Clone)]
+pub struct LoopPauseHandle {
+    evt: Arc<EventFd>,
+    shared: PauseShared,
+}
+
+/// The device loop is stopped while this lives.
+pub struct LoopHold<'a> {
+    handle: &'a LoopPauseHandle,
+}
+
+/// How long [`LoopPauseHandle::hold`] waits for the loop to stop.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl LoopPause {
+    /// A pause subscriber and the handle that triggers it.
+    pub fn new() -> std::io::Result<(LoopPause, LoopPauseHandle)> {
+        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+        let shared: PauseShared = Arc::default();
+        let handle = LoopPauseHandle {
+            evt: Arc::new(evt.try_clone()?),
+            shared: shared.clone(),
+        };
+        Ok((LoopPause { evt, shared }, handle))
+    }
+}
+
+impl LoopPauseHandle {
+    /// Stops the device loop and returns once it is stopped, or fails
+    /// when the loop does not get there within 30 s (a device stuck in a
+    /// backend call).
+    pub fn hold(&self) -> Result<LoopHold<'_>, String> {
+        let (state, cond) = &*self.shared;
+        let mut s = lock(state);
+        s.requested = true;
+        self.evt
+            .write(1)
+            .map_err(|e| format!("cannot signal the device thread: {e}"))?;
+        let deadline = std::time::Instant::now() + HOLD_TIMEOUT;
+        while !s.parked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.requested = false;
+                return Err(format!(
+                    "the device thread did not stop within {} s",
+                    HOLD_TIMEOUT.as_secs()
+                ));
+            }
+            s = cond
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(LoopHold { handle: self })
+    }
+}
+
+impl Drop for LoopHold<'_> {
+    fn drop(&mut self) {
+        let (state, cond) = &*self.handle.shared;
+        lock(state).requested = false;
+        cond.notify_all();
+    }
+}
+
+impl MutEventSubscriber for LoopPause {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            warn!("cannot watch the device thread's pause event: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        let (state, cond) = &*self.shared;
+        let mut s = lock(state);
+        if !s.requested {
+            return;
+        }
+        s.parked = true;
+        cond.notify_all();
+        while s.requested {
+            s = cond.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.parked = false;
+    }
+}
+
 /// Starts the device event loop thread with the given subscribers.
 pub fn spawn(
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
@@ -417,5 +527,60 @@ mod tests {
             got.is_some()
         });
         assert_eq!(got, Some(ExitReason::Signal(libc::SIGTERM)));
+    }
+
+    /// Counts its eventfd's events.
+    struct Counter {
+        evt: EventFd,
+        seen: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            let _ = self.evt.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_hold_stops_every_subscriber_until_dropped() {
+        let (pause, handle) = LoopPause::new().unwrap();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Counter {
+            evt: evt.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        spawn(vec![
+            Arc::new(Mutex::new(pause)),
+            Arc::new(Mutex::new(counter)),
+        ])
+        .unwrap();
+        let wait_for = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "the loop never served the event");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        evt.write(1).unwrap();
+        wait_for(1);
+        {
+            let _hold = handle.hold().unwrap();
+            evt.write(1).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                seen.load(Ordering::SeqCst),
+                1,
+                "a subscriber ran while held"
+            );
+        }
+        // Released: the event that waited is served.
+        wait_for(2);
+        // And the loop can be held again.
+        drop(handle.hold().unwrap());
     }
 }

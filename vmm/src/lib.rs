@@ -6,7 +6,8 @@
 //!
 //! - [`vm`] (the main loop) and [`builder`] (the build steps of `Vm::new`);
 //! - [`cpu`] (vCPU setup, run loop, pause), [`control`] (run state and the
-//!   monitors), [`device_manager`], [`event_loop`], [`boot`];
+//!   monitors), [`device_manager`], [`event_loop`], [`boot`], [`snapshot`]
+//!   (saving and restoring a whole VM);
 //! - [`error`], [`exit`], [`config`], [`layout`], [`memory`], [`bus`],
 //!   [`stats`], [`sync`].
 
@@ -22,6 +23,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod stats;
 pub mod sync;
 pub mod vm;

@@ -8,7 +8,9 @@
 //! 0x1_0000_0000 RAM continues above 4 GiB when the guest has more than 3 GiB
 //! ```
 
+use std::fs::File;
 use std::ops::Deref;
+use std::os::fd::AsRawFd;
 
 use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
 use vm_memory::{
@@ -133,6 +135,33 @@ impl AlignedMapping {
     }
 }
 
+impl AlignedMapping {
+    /// Replaces the mapping's anonymous pages with a private mapping of
+    /// `file` from `offset`, at the same address.
+    fn map_file(&self, file: &File, offset: u64) -> std::io::Result<()> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: MAP_FIXED over [addr, addr + len), which this value
+        // mapped and owns and nothing else uses yet (the guest memory
+        // object is built after this); the file stays open for the call
+        // and the mapping keeps its own reference to it.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.cast(),
+                self.len,
+                Self::PROT,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl Drop for AlignedMapping {
     fn drop(&mut self) {
         // SAFETY: exactly the range this value mapped; the guest memory
@@ -186,14 +215,34 @@ pub fn low_ram_end(size: u64) -> u64 {
 /// `always`): KVM then maps the guest in 2 MiB pages, which saves a
 /// nested-paging fault per 4 KiB page the guest touches.
 pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
+    build_guest_memory(size_mib, None)
+}
+
+/// Guest memory of `size_mib` MiB whose contents come from `file` (a
+/// snapshot's memory file: the regions one after another), mapped
+/// `MAP_PRIVATE`: nothing is copied, pages are read from the file (and its
+/// page cache, shared by every VM mapping it) when first touched, and the
+/// guest's writes go to private copies, never to the file. The caller
+/// checks that the file is as long as the memory.
+pub fn create_guest_memory_from_file(size_mib: u64, file: &File) -> Result<GuestRam, MemoryError> {
+    build_guest_memory(size_mib, Some(file))
+}
+
+fn build_guest_memory(size_mib: u64, file: Option<&File>) -> Result<GuestRam, MemoryError> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&size_mib) {
         return Err(MemoryError::Size(size_mib));
     }
     let mut mappings = Vec::new();
     let mut regions = Vec::new();
+    let mut file_offset = 0u64;
     for (start, len) in ram_ranges(size_mib << 20) {
         let map = AlignedMapping::new(len)
             .map_err(|source| MemoryError::Allocate { size_mib, source })?;
+        if let Some(file) = file {
+            map.map_file(file, file_offset)
+                .map_err(|source| MemoryError::Allocate { size_mib, source })?;
+            file_offset += len as u64;
+        }
         // SAFETY: [map.addr, map.addr + len) is a live mapping that `map`
         // owns; it is kept in the GuestRam beside the region, which is
         // dropped first.

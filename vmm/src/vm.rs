@@ -15,6 +15,7 @@ use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -23,20 +24,27 @@ use kvm_ioctls::{Cap, IoEventAddress, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use skiff_devices::legacy::{Ged, Serial};
 use skiff_devices::EventFdTrigger;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::control::server::{self, Protocol, Socket};
-use crate::control::{EventHub, MachineInfo, NetLink, RunControl};
+use crate::control::{EventHub, MachineInfo, NetLink, RunControl, Snapshotter};
 use crate::cpu::coalesced::CoalescedRing;
 use crate::cpu::pause::{self, RunMapping, VcpuManager};
 use crate::cpu::vcpu::{replay, VcpuContext};
+use crate::device_manager::NamedTransport as Transport;
 use crate::error::{setup_err, VmError};
-use crate::event_loop::{self, PendingOutput, SerialInput, SignalSource};
+use crate::event_loop::{
+    self, LoopPause, LoopPauseHandle, PendingOutput, SerialInput, SignalSource,
+};
 use crate::exit::ExitReason;
 use crate::layout::SERIAL_PORT;
 use crate::memory::GuestRam;
+use crate::snapshot::{
+    self, HostCpu, MachineShape, NamedTransport, SnapshotError, VmSnapshot, VmState,
+};
 use crate::stats::{self, ExitCounts};
 use crate::sync::lock;
 
@@ -76,6 +84,13 @@ impl MainChannel {
 /// A built VM, ready to run.
 pub struct Vm {
     pub(crate) config: VmConfig,
+    /// The VM was restored from a snapshot (`--incoming`): its queues are
+    /// kicked before the vCPUs run.
+    pub(crate) restored: bool,
+    /// The virtio transports, for `migrate`.
+    pub(crate) transports: Vec<Transport>,
+    /// The MSRs a snapshot saves on this host.
+    pub(crate) msrs_to_save: Vec<u32>,
     pub(crate) vcpus: Vec<VcpuFd>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
@@ -124,12 +139,20 @@ impl Vm {
     /// Runs the VM until it stops; returns why. The vCPU threads are left
     /// parked or running: the caller is expected to exit the process.
     pub fn run(mut self) -> Result<ExitReason, VmError> {
-        info!(
-            "booting {} with {} vCPU(s), {} MiB",
-            self.config.kernel.display(),
-            self.config.cpus,
-            self.config.memory_mib
-        );
+        match &self.config.incoming {
+            Some(dir) => info!(
+                "restored from {} with {} vCPU(s), {} MiB",
+                dir.display(),
+                self.config.cpus,
+                self.config.memory_mib
+            ),
+            None => info!(
+                "booting {} with {} vCPU(s), {} MiB",
+                self.config.kernel.display(),
+                self.config.cpus,
+                self.config.memory_mib
+            ),
+        }
         pause::install_kick_handler().map_err(setup_err("the vCPU kick signal"))?;
         let coalesced = self.coalesce_serial_output();
 
@@ -157,9 +180,22 @@ impl Vm {
         subscribers.push(Arc::new(Mutex::new(
             SignalSource::new(self.main.sender()).map_err(setup_err("signal handling"))?,
         )));
+        let (loop_pause, loop_handle) =
+            LoopPause::new().map_err(setup_err("the device thread's pause event"))?;
+        subscribers.push(Arc::new(Mutex::new(loop_pause)));
         subscribers.append(&mut self.device_subscribers);
         event_loop::spawn(subscribers).map_err(setup_err("the device thread"))?;
         let vcpus = Arc::new(VcpuManager::new(self.vm.clone(), self.vcpus.len()));
+        if self.config.paused {
+            vcpus.start_paused();
+        }
+        if self.restored {
+            // Anything the guest made available while it was saved, and
+            // interrupts it had not yet taken.
+            for (_, transport) in &self.transports {
+                lock(transport).kick();
+            }
+        }
         let exits = Arc::new(ExitCounts::default());
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let run = RunMapping::new(vcpu.as_raw_fd(), self.vcpu_mmap_size)
@@ -181,25 +217,29 @@ impl Vm {
             vcpus.register(handle.as_pthread_t(), run);
         }
 
+        let snapshotter = self.snapshotter(vcpus.clone(), loop_handle);
         let events = EventHub::new();
         let ged = self.ged.clone();
         let exit_tx = Mutex::new(self.main.sender());
-        let control = Arc::new(
-            RunControl::new(
-                std::mem::take(&mut self.info),
-                vcpus,
-                events.clone(),
-                Box::new(move || {
-                    if let Err(e) = lock(&ged).press_power_button() {
-                        warn!("cannot raise the power button interrupt: {e}");
-                    }
-                }),
-                Box::new(move |reason| {
-                    let _ = lock(&exit_tx).send(reason);
-                }),
-            )
-            .with_links(std::mem::take(&mut self.links)),
-        );
+        let mut control = RunControl::new(
+            std::mem::take(&mut self.info),
+            vcpus,
+            events.clone(),
+            Box::new(move || {
+                if let Err(e) = lock(&ged).press_power_button() {
+                    warn!("cannot raise the power button interrupt: {e}");
+                }
+            }),
+            Box::new(move |reason| {
+                let _ = lock(&exit_tx).send(reason);
+            }),
+        )
+        .with_links(std::mem::take(&mut self.links))
+        .with_snapshotter(snapshotter);
+        if self.config.paused {
+            control = control.starting_paused();
+        }
+        let control = Arc::new(control);
         let monitors = std::mem::take(&mut self.monitors);
         let server = if monitors.is_empty() {
             None
@@ -236,6 +276,84 @@ impl Vm {
         let _ = lock(&self.serial).flush();
         let _ = std::io::stdout().flush();
         Ok(reason)
+    }
+}
+
+impl Vm {
+    /// What `migrate file:DIR` runs once the vCPUs are paused: saves the
+    /// devices first (a device's quiescing may raise an interrupt, which
+    /// must be in the saved irqchip state), then the VM's and each vCPU's
+    /// KVM state, then guest memory, and the state file last, so a
+    /// directory with a state file holds a whole snapshot.
+    fn snapshotter(&self, vcpus: Arc<VcpuManager>, devices: LoopPauseHandle) -> Snapshotter {
+        let transports = self.transports.clone();
+        let serial = self.serial.clone();
+        let ged = self.ged.clone();
+        let vm = self.vm.clone();
+        let mem: GuestMemoryMmap = (*self._mem).clone();
+        let msrs = self.msrs_to_save.clone();
+        let machine = MachineShape {
+            memory_mib: self.config.memory_mib,
+            cpus: self.config.cpus,
+            devices: transports.iter().map(|(name, _)| name.clone()).collect(),
+        };
+        Box::new(move |dir: &Path| {
+            let save = || -> Result<String, SnapshotError> {
+                std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+                    what: "cannot create the snapshot directory",
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                // From the first device's state to the last byte of guest
+                // memory, no device may run.
+                let _hold = devices.hold().map_err(SnapshotError::Invalid)?;
+                let mut virtio = Vec::with_capacity(transports.len());
+                for (name, transport) in &transports {
+                    let state =
+                        lock(transport)
+                            .snapshot(dir)
+                            .map_err(|source| SnapshotError::Device {
+                                device: name.clone(),
+                                source,
+                            })?;
+                    virtio.push(NamedTransport {
+                        name: name.clone(),
+                        state,
+                    });
+                }
+                let serial = lock(&serial).snapshot();
+                let ged = lock(&ged).snapshot();
+                let mut vm_state = VmState::save(&vm)?;
+                // The clock stood still from the pause on, as a resume
+                // would have it.
+                if let Some(clock) = vcpus.paused_clock() {
+                    vm_state.clock.clock = clock;
+                }
+                let vcpu_states = vcpus.save_vcpus(msrs.clone())?;
+                let written = snapshot::write_memory(dir, &mem)?;
+                snapshot::write_state(
+                    dir,
+                    &VmSnapshot {
+                        machine: machine.clone(),
+                        host: HostCpu::current(),
+                        memory_regions: snapshot::memory_regions(&mem),
+                        vm: vm_state,
+                        vcpus: vcpu_states,
+                        serial,
+                        ged,
+                        virtio,
+                    },
+                )?;
+                Ok(format!(
+                    "{} MiB of memory ({} MiB not zero), {} vCPU(s), {} virtio device(s)",
+                    machine.memory_mib,
+                    written >> 20,
+                    machine.cpus,
+                    machine.devices.len()
+                ))
+            };
+            save().map_err(|e| e.to_string())
+        })
     }
 }
 

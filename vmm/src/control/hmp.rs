@@ -1,12 +1,13 @@
 //! The subset of QEMU's human monitor (HMP) that test tools use, with
-//! QEMU's texts: `info status|version|name|kvm`, `stop`, `cont`,
-//! `system_powerdown`, `system_reset`, `quit`, `help`, `set_link`;
+//! QEMU's texts: `info status|version|name|kvm|migrate`, `stop`, `cont`,
+//! `system_powerdown`, `system_reset`, `quit`, `help`, `set_link`,
+//! `migrate file:DIR`;
 //! `screendump` and `sendkey` answer errors until skiff-vmm has a display
 //! and a keyboard. Output lines end in CRLF, as QEMU's do; the
 //! monitor socket adds the `(qemu) ` prompt.
 
 use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
-use super::{Controls, RunState};
+use super::{Controls, Migration, RunState};
 
 /// The banner a monitor client gets before the first prompt.
 pub fn banner() -> String {
@@ -24,6 +25,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "info",
         "[subcommand]",
         "show various information about the system state",
+    ),
+    (
+        "migrate",
+        "uri",
+        "migrate to URI (file:DIR saves a snapshot of the VM in DIR)",
     ),
     ("quit|q", "", "quit the emulator"),
     (
@@ -44,6 +50,7 @@ const HELP: &[(&str, &str, &str)] = &[
 
 const INFO_HELP: &[(&str, &str)] = &[
     ("kvm", "show KVM information"),
+    ("migrate", "show migration status"),
     ("name", "show the current VM name"),
     ("status", "show the current VM status (running|paused)"),
     ("version", "show the version of QEMU"),
@@ -112,6 +119,15 @@ fn info(sub: &str, machine: &dyn Controls) -> String {
         }
         "name" => format!("{}\r\n", machine.info().name),
         "kvm" => "kvm support: enabled\r\n".to_owned(),
+        "migrate" => match machine.migration() {
+            Migration::None => String::new(),
+            Migration::Completed { total_ms } => {
+                format!("Migration status: completed\r\ntotal time: {total_ms} ms\r\n")
+            }
+            Migration::Failed { error } => {
+                format!("Migration status: failed ({error})\r\n")
+            }
+        },
         other => format!("unknown command: 'info {other}'\r\n"),
     }
 }
@@ -169,6 +185,17 @@ pub fn execute(line: &str, machine: &dyn Controls) -> String {
                 "sendkey: string expected\r\n".to_owned()
             } else {
                 error("this VM has no keyboard: skiff-vmm has no virtio-input device yet")
+            }
+        }
+        "migrate" => {
+            let (uri, _) = split_command(rest);
+            if uri.is_empty() {
+                "migrate: uri expected\r\n".to_owned()
+            } else {
+                match machine.migrate(uri) {
+                    Ok(()) => String::new(),
+                    Err(e) => error(&e),
+                }
             }
         }
         "set_link" => {

@@ -30,8 +30,11 @@ use crate::exit::ExitReason;
 pub enum RunState {
     /// All vCPUs runnable.
     Running,
-    /// Stopped by `stop`.
+    /// Stopped by `stop`, or started with `-S`.
     Paused,
+    /// Stopped after a completed `migrate` (QEMU's `postmigrate`); `cont`
+    /// runs it again.
+    Postmigrate,
     /// The VM is going away (guest power-off, `quit`, a host signal ...).
     Shutdown,
     /// The guest kernel panicked.
@@ -44,6 +47,7 @@ impl RunState {
         match self {
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::Postmigrate => "postmigrate",
             RunState::Shutdown => "shutdown",
             RunState::GuestPanicked => "guest-panicked",
         }
@@ -115,6 +119,9 @@ pub enum Event {
     Shutdown(ShutdownCause),
     /// The guest kernel panicked; the VM powers off.
     GuestPanicked,
+    /// A migration (snapshot) changed status: `setup`, `active`,
+    /// `completed` or `failed`.
+    Migration(&'static str),
 }
 
 #[derive(Serialize)]
@@ -141,6 +148,7 @@ impl Event {
             Event::Reset(_) => "RESET",
             Event::Shutdown(_) => "SHUTDOWN",
             Event::GuestPanicked => "GUEST_PANICKED",
+            Event::Migration(_) => "MIGRATION",
         }
     }
 
@@ -152,6 +160,7 @@ impl Event {
                 "reason": cause.as_str(),
             })),
             Event::GuestPanicked => Some(json!({"action": "poweroff"})),
+            Event::Migration(status) => Some(json!({ "status": status })),
         }
     }
 
@@ -276,7 +285,31 @@ pub trait Controls: Send + Sync {
     /// QEMU's `virtio-net-pci.N` for the N-th card from 1); fails with
     /// QEMU's text when no card has that name.
     fn set_link(&self, name: &str, up: bool) -> Result<(), String>;
+    /// Saves the whole VM to `uri` (`file:DIR`, QEMU 8.2's file
+    /// migration): pauses the vCPUs, writes the snapshot and leaves the VM
+    /// stopped in `postmigrate`, with MIGRATION events; a failed save
+    /// resumes a VM that was running. Fails with a message naming the
+    /// problem.
+    fn migrate(&self, uri: &str) -> Result<(), String>;
+    /// The last migration, for `query-migrate`.
+    fn migration(&self) -> Migration;
 }
+
+/// A migration's outcome, as `query-migrate` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Migration {
+    /// None was asked for.
+    #[default]
+    None,
+    /// Written, in `total_ms`.
+    Completed { total_ms: u64 },
+    /// Failed, saying why.
+    Failed { error: String },
+}
+
+/// Writes a snapshot of the paused VM into a directory; returns a line
+/// for the log (what was written) or why it failed.
+pub type Snapshotter = Box<dyn Fn(&std::path::Path) -> Result<String, String> + Send + Sync>;
 
 /// A network card the monitors can plug and unplug.
 pub struct NetLink {
@@ -302,6 +335,8 @@ pub struct RunControl {
     events: EventHub,
     info: MachineInfo,
     links: Vec<NetLink>,
+    snapshotter: Option<Snapshotter>,
+    migration: Mutex<Migration>,
 }
 
 impl RunControl {
@@ -322,7 +357,22 @@ impl RunControl {
             events,
             info,
             links: Vec::new(),
+            snapshotter: None,
+            migration: Mutex::new(Migration::None),
         }
+    }
+
+    /// What `migrate` calls to write a snapshot.
+    pub fn with_snapshotter(mut self, snapshotter: Snapshotter) -> Self {
+        self.snapshotter = Some(snapshotter);
+        self
+    }
+
+    /// A VM whose vCPUs start parked (`-S`): the state is `paused` and
+    /// `cont` resumes them.
+    pub fn starting_paused(self) -> Self {
+        *crate::sync::lock(&self.state) = RunState::Paused;
+        self
     }
 
     /// The network cards `set_link` acts on.
@@ -391,7 +441,7 @@ impl Controls for RunControl {
         let mut state = self.lock();
         match *state {
             RunState::Running => Ok(()),
-            RunState::Paused => {
+            RunState::Paused | RunState::Postmigrate => {
                 self.vcpus.resume();
                 *state = RunState::Running;
                 self.events.emit(&Event::Resume);
@@ -432,6 +482,65 @@ impl Controls for RunControl {
             .ok_or_else(|| format!("Device '{name}' not found"))?;
         (link.set)(up);
         Ok(())
+    }
+
+    fn migrate(&self, uri: &str) -> Result<(), String> {
+        let dir = match uri.split_once(':') {
+            Some(("file", "")) => return Err("file: needs a directory after it".into()),
+            Some(("file", dir)) => std::path::PathBuf::from(dir),
+            _ => {
+                return Err(format!(
+                    "'{uri}': skiff-vmm migrates to file:DIR only (a snapshot directory)"
+                ))
+            }
+        };
+        let Some(snapshotter) = &self.snapshotter else {
+            return Err("this VM cannot be saved".into());
+        };
+        let mut state = self.lock();
+        let was = *state;
+        if matches!(was, RunState::Shutdown | RunState::GuestPanicked) {
+            return Err(format!(
+                "the VM is in state {}: nothing to save",
+                was.as_str()
+            ));
+        }
+        let started = std::time::Instant::now();
+        self.events.emit(&Event::Migration("setup"));
+        if was == RunState::Running {
+            self.vcpus.pause();
+            self.events.emit(&Event::Stop);
+        }
+        self.events.emit(&Event::Migration("active"));
+        match snapshotter(&dir) {
+            Ok(what) => {
+                let total_ms = started.elapsed().as_millis() as u64;
+                log::info!(
+                    "migrate: saved to {} in {total_ms} ms: {what}",
+                    dir.display()
+                );
+                *state = RunState::Postmigrate;
+                *crate::sync::lock(&self.migration) = Migration::Completed { total_ms };
+                self.events.emit(&Event::Migration("completed"));
+                Ok(())
+            }
+            Err(error) => {
+                log::warn!("migrate to {} failed: {error}", dir.display());
+                *crate::sync::lock(&self.migration) = Migration::Failed {
+                    error: error.clone(),
+                };
+                self.events.emit(&Event::Migration("failed"));
+                if was == RunState::Running {
+                    self.vcpus.resume();
+                    self.events.emit(&Event::Resume);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn migration(&self) -> Migration {
+        crate::sync::lock(&self.migration).clone()
     }
 }
 
@@ -508,10 +617,19 @@ pub(crate) mod testing {
         );
         let links = Arc::new(Mutex::new(Vec::new()));
         let l = links.clone();
-        let control = control.with_links(vec![NetLink {
-            names: link_names(0, "net0"),
-            set: Box::new(move |up| l.lock().unwrap().push(up)),
-        }]);
+        let control = control
+            .with_links(vec![NetLink {
+                names: link_names(0, "net0"),
+                set: Box::new(move |up| l.lock().unwrap().push(up)),
+            }])
+            // Saves nothing; a directory named "fail" fails.
+            .with_snapshotter(Box::new(|dir| {
+                if dir.ends_with("fail") {
+                    Err("cannot create fail: refused".into())
+                } else {
+                    Ok("nothing".into())
+                }
+            }));
         Fake {
             control,
             vcpus,
@@ -574,6 +692,83 @@ mod tests {
         assert_eq!(f.control.run_state(), RunState::Running);
         assert_eq!(f.vcpus.resumes.load(Ordering::SeqCst), 1);
         assert_eq!(names(&mut rx), ["STOP", "RESUME"]);
+    }
+
+    /// MIGRATION events' statuses, and other events by name.
+    fn with_status(rx: &mut broadcast::Receiver<Arc<str>>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            out.push(match v["data"]["status"].as_str() {
+                Some(status) => format!("MIGRATION {status}"),
+                None => v["event"].as_str().unwrap().to_owned(),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn migrate_saves_and_leaves_the_vm_stopped_in_postmigrate() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        assert_eq!(f.control.migration(), Migration::None);
+        f.control.migrate("file:/snap").unwrap();
+        assert_eq!(f.control.run_state(), RunState::Postmigrate);
+        assert!(!f.control.run_state().is_running());
+        assert!(matches!(f.control.migration(), Migration::Completed { .. }));
+        assert_eq!(
+            with_status(&mut rx),
+            [
+                "MIGRATION setup",
+                "STOP",
+                "MIGRATION active",
+                "MIGRATION completed"
+            ]
+        );
+        // cont runs it again, as QEMU's does after a migration.
+        f.control.cont().unwrap();
+        assert_eq!(f.control.run_state(), RunState::Running);
+        // A paused VM is saved without a second STOP.
+        f.control.stop();
+        let _ = with_status(&mut rx);
+        f.control.migrate("file:/snap").unwrap();
+        assert_eq!(
+            with_status(&mut rx),
+            ["MIGRATION setup", "MIGRATION active", "MIGRATION completed"]
+        );
+    }
+
+    #[test]
+    fn a_failed_or_bad_migrate_says_why_and_resumes_a_running_vm() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        let e = f.control.migrate("file:/fail").unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        assert_eq!(f.control.run_state(), RunState::Running);
+        assert_eq!(
+            with_status(&mut rx),
+            [
+                "MIGRATION setup",
+                "STOP",
+                "MIGRATION active",
+                "MIGRATION failed",
+                "RESUME"
+            ]
+        );
+        assert!(matches!(f.control.migration(), Migration::Failed { .. }));
+        for (uri, says) in [
+            ("tcp:localhost:4444", "file:DIR only"),
+            ("file:", "needs a directory"),
+            ("/snap", "file:DIR only"),
+        ] {
+            let e = f.control.migrate(uri).unwrap_err();
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+        // Nothing happened for those.
+        assert!(with_status(&mut rx).is_empty());
+        f.control.quit();
+        let e = f.control.migrate("file:/snap").unwrap_err();
+        assert!(e.contains("shutdown"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::json::to_line;
 use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
 use super::stream::Input;
-use super::{hmp, Controls};
+use super::{hmp, Controls, Migration};
 
 /// QMP error classes (`qapi/error.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +220,15 @@ const COMMANDS: &[(&str, &[Arg])] = &[
         "set_link",
         &[req("name", ArgType::Str), req("up", ArgType::Bool)],
     ),
+    (
+        "migrate",
+        &[
+            req("uri", ArgType::Str),
+            opt("detach", ArgType::Bool),
+            opt("resume", ArgType::Bool),
+        ],
+    ),
+    ("query-migrate", &[]),
 ];
 
 /// Names of the commands this server implements.
@@ -544,6 +553,24 @@ fn run_command(
                 })?;
             empty()
         }
+        "migrate" => {
+            if args.get("resume").and_then(Value::as_bool) == Some(true) {
+                return Err(QmpError::generic(
+                    "skiff-vmm cannot resume a migration: start it again",
+                ));
+            }
+            machine.migrate(arg_str("uri")).map_err(QmpError::generic)?;
+            empty()
+        }
+        "query-migrate" => to_line(&match machine.migration() {
+            Migration::None => json!({}),
+            Migration::Completed { total_ms } => {
+                json!({"status": "completed", "total-time": total_ms})
+            }
+            Migration::Failed { error } => {
+                json!({"status": "failed", "error-desc": error})
+            }
+        }),
         other => {
             return Err(QmpError::not_found(format!(
                 "The command {other} has not been found"
@@ -930,6 +957,52 @@ mod tests {
         assert_eq!(
             hmp(&mut s, "screendump /tmp/x.ppm"),
             "Error: There is no console to take a screendump from\r\n"
+        );
+    }
+
+    #[test]
+    fn migrate_to_a_file_and_query_migrate() {
+        let f = fake();
+        let mut s = negotiated(&f.control);
+        assert_eq!(
+            run(&mut s, &f.control, r#"{"execute":"query-migrate"}"#),
+            json!({"return": {}})
+        );
+        let v = run(
+            &mut s,
+            &f.control,
+            r#"{"execute":"migrate","arguments":{"uri":"file:/snap"}}"#,
+        );
+        assert_eq!(v, json!({"return": {}}));
+        let v = run(&mut s, &f.control, r#"{"execute":"query-migrate"}"#);
+        assert_eq!(v["return"]["status"], "completed");
+        assert!(v["return"]["total-time"].is_u64());
+        let v = run(&mut s, &f.control, r#"{"execute":"query-status"}"#);
+        assert_eq!(v["return"]["status"], "postmigrate");
+        assert_eq!(v["return"]["running"], false);
+        let v = run(
+            &mut s,
+            &f.control,
+            r#"{"execute":"migrate","arguments":{"uri":"file:/fail"}}"#,
+        );
+        assert_eq!(error(&v).0, "GenericError");
+        let v = run(&mut s, &f.control, r#"{"execute":"query-migrate"}"#);
+        assert_eq!(v["return"]["status"], "failed");
+        assert!(v["return"]["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("refused"));
+        let v = run(
+            &mut s,
+            &f.control,
+            r#"{"execute":"migrate","arguments":{}}"#,
+        );
+        assert!(error(&v).1.contains("uri"), "{v}");
+        assert_eq!(hmp::execute("migrate file:/snap", &f.control), "");
+        assert!(hmp::execute("info migrate", &f.control).contains("completed"));
+        assert_eq!(
+            hmp::execute("migrate", &f.control),
+            "migrate: uri expected\r\n"
         );
     }
 

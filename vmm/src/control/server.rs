@@ -426,6 +426,12 @@ mod tests {
         fn set_link(&self, name: &str, up: bool) -> Result<(), String> {
             self.0.control.set_link(name, up)
         }
+        fn migrate(&self, uri: &str) -> Result<(), String> {
+            self.0.control.migrate(uri)
+        }
+        fn migration(&self) -> super::super::Migration {
+            self.0.control.migration()
+        }
     }
 
     struct Client {

@@ -22,6 +22,7 @@ use kvm_bindings::{kvm_clock_data, kvm_run};
 use kvm_ioctls::{VcpuFd, VmFd};
 use log::debug;
 
+use crate::snapshot::{self, vcpu::VcpuState, SnapshotError};
 use crate::sync::lock;
 
 /// Parks and resumes the vCPU threads.
@@ -120,12 +121,21 @@ struct Kick {
 struct Shared {
     /// A pause is requested (or in force).
     pause: bool,
+    /// A snapshot asked the parked vCPUs for their state.
+    save: Option<SaveRequest>,
     /// vCPU threads waiting in `checkpoint`.
     parked: usize,
     /// vCPU threads still running guest code (not ended).
     alive: usize,
     /// Host thread id of each vCPU.
     tids: Vec<i64>,
+}
+
+/// A snapshot's request to the parked vCPU threads: each saves its own
+/// state (a `VcpuFd` belongs to its thread) into its slot.
+struct SaveRequest {
+    msrs: Arc<Vec<u32>>,
+    results: Vec<Option<Result<VcpuState, SnapshotError>>>,
 }
 
 /// Pause/resume control over all vCPU threads of a VM.
@@ -153,6 +163,18 @@ impl VcpuManager {
         }
     }
 
+    /// The guest clock as it stood when the vCPUs were paused (what
+    /// resuming sets it back to), if they are.
+    pub fn paused_clock(&self) -> Option<u64> {
+        lock(&self.clock).as_ref().map(|c| c.clock)
+    }
+
+    /// Has the vCPUs park before they first enter the guest (`-S`), as
+    /// if paused; [`VcpuPause::resume`] lets them run.
+    pub fn start_paused(&self) {
+        lock(&self.shared).pause = true;
+    }
+
     /// Records a vCPU thread (its pthread and a mapping of its `kvm_run`),
     /// so that [`VcpuPause::pause`] can kick it.
     pub fn register(&self, thread: libc::pthread_t, run: RunMapping) {
@@ -168,9 +190,10 @@ impl VcpuManager {
         }
     }
 
-    /// Called by a vCPU thread after every return from `KVM_RUN`: clears
-    /// `immediate_exit`, then parks while a pause is requested.
-    pub fn checkpoint(&self, vcpu: &mut VcpuFd) {
+    /// Called by vCPU thread `index` after every return from `KVM_RUN`:
+    /// clears `immediate_exit`, then parks while a pause is requested,
+    /// saving its state when a snapshot asks for it.
+    pub fn checkpoint(&self, index: usize, vcpu: &mut VcpuFd) {
         vcpu.set_kvm_immediate_exit(0);
         fence(Ordering::SeqCst);
         let mut shared = lock(&self.shared);
@@ -184,12 +207,67 @@ impl VcpuManager {
         shared.parked += 1;
         self.cond.notify_all();
         while shared.pause {
+            if let Some(req) = shared.save.as_mut() {
+                if let Some(slot @ None) = req.results.get_mut(index) {
+                    snapshot::vcpu::complete_pending_io(vcpu);
+                    *slot = Some(snapshot::vcpu::save(vcpu, index, &req.msrs));
+                    self.cond.notify_all();
+                    continue;
+                }
+            }
             shared = self
                 .cond
                 .wait(shared)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         shared.parked -= 1;
+    }
+
+    /// The state of every vCPU, which must all be parked (after
+    /// [`VcpuPause::pause`]); `msrs` are the MSRs to save. Each vCPU
+    /// thread reads its own.
+    pub fn save_vcpus(&self, msrs: Vec<u32>) -> Result<Vec<VcpuState>, SnapshotError> {
+        let mut shared = lock(&self.shared);
+        if !shared.pause {
+            return Err(SnapshotError::Invalid("the vCPUs are not paused".into()));
+        }
+        // vCPUs started paused (-S) may not have reached their first
+        // checkpoint yet.
+        while shared.parked < shared.alive {
+            shared = self
+                .cond
+                .wait(shared)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if shared.alive < shared.tids.len() {
+            return Err(SnapshotError::Invalid(
+                "a vCPU has stopped for good: the VM is ending".into(),
+            ));
+        }
+        let count = shared.tids.len();
+        shared.save = Some(SaveRequest {
+            msrs: Arc::new(msrs),
+            results: (0..count).map(|_| None).collect(),
+        });
+        self.cond.notify_all();
+        loop {
+            let done = shared
+                .save
+                .as_ref()
+                .is_some_and(|r| r.results.iter().all(Option::is_some));
+            if done {
+                break;
+            }
+            shared = self
+                .cond
+                .wait(shared)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        let req = shared.save.take().expect("a save request is pending");
+        req.results
+            .into_iter()
+            .map(|r| r.expect("every vCPU answered"))
+            .collect()
     }
 
     /// Called by a vCPU thread that stops running the guest for good.

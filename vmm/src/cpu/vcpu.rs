@@ -50,6 +50,8 @@ impl VcpuContext {
     /// Runs `vcpu` until the VM ends, then parks the thread for good.
     pub(crate) fn run(self, mut vcpu: VcpuFd) {
         self.vcpus.started(self.index);
+        // A VM started paused (-S) parks here, before its first entry.
+        self.vcpus.checkpoint(self.index, &mut vcpu);
         loop {
             let next = match vcpu.run() {
                 Ok(exit) => self.handle_exit(exit),
@@ -82,7 +84,7 @@ impl VcpuContext {
                 break;
             }
             // Parks here while the VM is paused.
-            self.vcpus.checkpoint(&mut vcpu);
+            self.vcpus.checkpoint(self.index, &mut vcpu);
         }
         self.vcpus.gone();
         // The process exits once the main thread has seen the event; keep

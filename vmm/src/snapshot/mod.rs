@@ -56,6 +56,7 @@ pub const MAX_PAYLOAD: u64 = 16 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// Pages of guest memory are written unless they hold only zeros.
 const PAGE: usize = 4096;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// Why a snapshot could not be written or restored.
 #[derive(Debug, thiserror::Error)]
@@ -371,7 +372,8 @@ pub fn write_memory(dir: &Path, mem: &GuestMemoryMmap) -> Result<u64, SnapshotEr
         // stale, not the read unsound: the bytes are plain data).
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         for (i, page) in bytes.chunks(PAGE).enumerate() {
-            if page.iter().all(|&b| b == 0) {
+            // A slice comparison is one memcmp, fast even unoptimized.
+            if page == &ZERO_PAGE[..page.len()] {
                 continue;
             }
             f.write_all_at(page, offset + (i * PAGE) as u64)

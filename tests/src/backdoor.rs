@@ -23,6 +23,25 @@ impl Backdoor {
     /// Debian guests, `sh` on busybox ones).
     pub fn accept(listener: &UnixListener, shell: &str, timeout: Duration) -> io::Result<Self> {
         let start = Instant::now();
+        let mut b = Self::connection(listener, shell, timeout)?;
+        let deadline = start + timeout;
+        loop {
+            if let Some(end) = after_banner(&b.buf) {
+                b.buf.drain(..end);
+                return Ok(b);
+            }
+            b.fill(Some(deadline))?;
+        }
+    }
+
+    /// Accepts the connection of a VMM that restored a guest whose shell
+    /// was already waiting for a command: no banner comes.
+    pub fn reattach(listener: &UnixListener, shell: &str, timeout: Duration) -> io::Result<Self> {
+        Self::connection(listener, shell, timeout)
+    }
+
+    fn connection(listener: &UnixListener, shell: &str, timeout: Duration) -> io::Result<Self> {
+        let start = Instant::now();
         listener.set_nonblocking(true)?;
         let stream = loop {
             match listener.accept() {
@@ -40,19 +59,11 @@ impl Backdoor {
             }
         };
         stream.set_nonblocking(false)?;
-        let mut b = Backdoor {
+        Ok(Backdoor {
             stream,
             buf: Vec::new(),
             framing: Framing::for_shell(shell),
-        };
-        let deadline = start + timeout;
-        loop {
-            if let Some(end) = after_banner(&b.buf) {
-                b.buf.drain(..end);
-                return Ok(b);
-            }
-            b.fill(Some(deadline))?;
-        }
+        })
     }
 
     fn fill(&mut self, deadline: Option<Instant>) -> io::Result<()> {

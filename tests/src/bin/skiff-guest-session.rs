@@ -10,8 +10,12 @@
 //! (1,000 commands, then MIB (default 64) MiB of output compared by SHA-256),
 //! `disk-write=DEV:MIB` (writes a known pattern with dd, then syncs),
 //! `write-fails=DEV` (a write to DEV must fail), `cmd=COMMAND` (runs it,
-//! must succeed). Lines `CHECK <name> ok|FAIL ...` go to stderr; the exit
-//! status is 0 only if every check passed and the VMM exited with 0.
+//! must succeed; `cmd:LABEL=COMMAND` reports it as `cmd:LABEL`), and
+//! `migrate=DIR`: saves the VM with QMP `migrate file:DIR` (the VMM's
+//! arguments must have `--qmp=PATH`), quits it, starts the same VMM with
+//! `--incoming=file:DIR`, and goes on with the next checks in the restored
+//! guest. Lines `CHECK <name> ok|FAIL ...` go to stderr; the exit status
+//! is 0 only if every check passed and the VMM exited with 0.
 
 use std::os::unix::net::UnixListener;
 use std::process::{Command, ExitCode};
@@ -123,7 +127,7 @@ fn check(name: &str, arg: Option<&str>, b: &mut Backdoor) -> Result<String, Stri
             }
             Ok(format!("write to {dev} failed with status {status}"))
         }
-        "cmd" => {
+        _ if name == "cmd" || name.starts_with("cmd:") => {
             let cmd = arg.ok_or("cmd needs a command")?;
             let (status, out) = run(b, cmd, 600)?;
             let out = String::from_utf8_lossy(&out).into_owned();
@@ -163,6 +167,117 @@ fn exited_cpu_time(pid: u32) -> Option<String> {
         t.user.as_secs_f64(),
         t.system.as_secs_f64(),
         t.guest.as_secs_f64()
+    ))
+}
+
+/// Sends QMP `commands` (one JSON object each) on `socket` after the
+/// greeting and capabilities negotiation; returns each command's reply
+/// line (events in between are skipped), or the first error.
+fn qmp(socket: &str, commands: &[String]) -> Result<Vec<String>, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("QMP {socket}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(600)))
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut writer = stream;
+    let read_reply = |reader: &mut BufReader<std::os::unix::net::UnixStream>| loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Err("QMP closed the connection".to_owned()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("QMP read: {e}")),
+        }
+        if line.contains("\"return\"") || line.contains("\"error\"") || line.contains("\"QMP\"") {
+            return Ok(line.trim_end().to_owned());
+        }
+    };
+    read_reply(&mut reader)?;
+    let mut replies = Vec::new();
+    for c in std::iter::once(r#"{"execute":"qmp_capabilities"}"#.to_owned())
+        .chain(commands.iter().cloned())
+    {
+        writer
+            .write_all(format!("{c}\n").as_bytes())
+            .map_err(|e| format!("QMP write: {e}"))?;
+        let reply = read_reply(&mut reader)?;
+        if reply.contains("\"error\"") {
+            return Err(format!("{c}: {reply}"));
+        }
+        replies.push(reply);
+    }
+    Ok(replies.split_off(1))
+}
+
+/// Waits up to `limit` for `child` to exit; kills it after that.
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return s.code(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                return child.wait().ok().and_then(|s| s.code());
+            }
+        }
+    }
+}
+
+/// The `migrate=DIR` check: saves the VM, ends it, starts the same VMM
+/// restoring it, and reattaches to the guest's shell. Returns what it saw.
+fn migrate_and_restore(
+    dir: &str,
+    vmm: &[String],
+    child: &mut std::process::Child,
+    listener: &UnixListener,
+    shell: &str,
+    b: &mut Backdoor,
+) -> Result<String, String> {
+    let socket = vmm
+        .iter()
+        .find_map(|a| a.strip_prefix("--qmp="))
+        .ok_or("migrate needs the VMM's --qmp=PATH")?
+        .to_owned();
+    let t = Instant::now();
+    qmp(
+        &socket,
+        &[format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"file:{dir}"}}}}"#
+        )],
+    )?;
+    let saved = t.elapsed();
+    let status = qmp(&socket, &[r#"{"execute":"query-status"}"#.to_owned()])?;
+    if !status[0].contains("postmigrate") {
+        return Err(format!("after migrate, query-status says {}", status[0]));
+    }
+    let _ = qmp(&socket, &[r#"{"execute":"quit"}"#.to_owned()]);
+    let code = wait_bounded(child, Duration::from_secs(60));
+    if code != Some(0) {
+        return Err(format!("the saved VMM exited with {code:?} after quit"));
+    }
+    let t = Instant::now();
+    *child = Command::new(&vmm[0])
+        .args(&vmm[1..])
+        .arg(format!("--incoming=file:{dir}"))
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm[0]))?;
+    *b = Backdoor::reattach(listener, shell, Duration::from_secs(120))
+        .map_err(|e| format!("the restored VMM's console: {e}"))?;
+    let (status, out) = b
+        .execute("echo restored", Some(60))
+        .map_err(|e| format!("first command after restore: {e}"))?;
+    if status != 0 || out != b"restored\n" {
+        return Err(format!(
+            "first command after restore: status {status}, output {:?}",
+            String::from_utf8_lossy(&out)
+        ));
+    }
+    Ok(format!(
+        "saved in {} ms; restored and answered a command {} ms after the VMM started",
+        saved.as_millis(),
+        t.elapsed().as_millis()
     ))
 }
 
@@ -218,7 +333,13 @@ fn main() -> ExitCode {
                     None => (c.as_str(), None),
                 };
                 let t = Instant::now();
-                match check(name, arg, &mut b) {
+                let result = if name == "migrate" {
+                    let dir = arg.unwrap_or_default();
+                    migrate_and_restore(dir, &vmm, &mut child, &listener, &shell, &mut b)
+                } else {
+                    check(name, arg, &mut b)
+                };
+                match result {
                     Ok(detail) => log(&format!("CHECK {name} ok ({:.1?}): {detail}", t.elapsed())),
                     Err(detail) => {
                         ok = false;

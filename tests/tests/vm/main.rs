@@ -16,5 +16,6 @@ mod driver;
 mod exits;
 mod net;
 mod qmp;
+mod snapshot;
 mod systemd;
 mod virtio;

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use libfuzzer_sys::fuzz_target;
 use skiff_vmm::control::qmp::Session;
 use skiff_vmm::control::stream::JsonStream;
-use skiff_vmm::control::{hmp, Controls, MachineInfo, RunState};
+use skiff_vmm::control::{hmp, Controls, MachineInfo, Migration, RunState};
 
 struct Idle {
     state: Mutex<RunState>,
@@ -49,6 +49,25 @@ impl Controls for Idle {
     }
     fn vcpu_thread_ids(&self) -> Vec<i64> {
         vec![1; usize::from(self.info.cpus)]
+    }
+    fn set_link(&self, name: &str, _up: bool) -> Result<(), String> {
+        match name {
+            "net0" | "virtio-net-pci.1" => Ok(()),
+            _ => Err(format!("Device '{name}' not found")),
+        }
+    }
+    fn migrate(&self, uri: &str) -> Result<(), String> {
+        // Parsed, never written.
+        match uri.strip_prefix("file:") {
+            Some(dir) if !dir.is_empty() => {
+                *self.state.lock().unwrap() = RunState::Postmigrate;
+                Ok(())
+            }
+            _ => Err(format!("'{uri}': file:DIR only")),
+        }
+    }
+    fn migration(&self) -> Migration {
+        Migration::None
     }
 }
 

@@ -35,6 +35,7 @@ use crate::description::ResolvedNode;
 use crate::qmp::{self, QmpError};
 use crate::report::logger;
 use crate::shell::{Shell, ShellError, Stop, Watcher, STDOUT_WARNING};
+use crate::snapshots::{self, Cache};
 
 /// How often a long wait says what it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(15);
@@ -198,6 +199,21 @@ struct ProcState {
     marked_down: bool,
 }
 
+/// The boot console up to the snapshot, kept beside it.
+const CONSOLE_FILE: &str = "console.log";
+
+/// The machine's use of the snapshot cache (`snapshots.rs`).
+#[derive(Default)]
+struct Snapshots {
+    /// The cache, unless snapshots are off (`--no-snapshot`).
+    cache: Option<Cache>,
+    /// This node's key, when it can be cached.
+    key: Option<String>,
+    /// The VMM generation that was restored, and from where: its guest
+    /// shell is already up, so no banner comes.
+    restored: Option<(u64, PathBuf)>,
+}
+
 /// A QMP connection and the VMM generation it belongs to.
 struct QmpLink {
     client: Arc<qmp::Client>,
@@ -222,6 +238,7 @@ struct Inner {
     qmp_connecting: Mutex<()>,
     /// The QMP events since the last start, from every connection.
     events: Arc<qmp::Events>,
+    snapshots: Mutex<Snapshots>,
 }
 
 /// A machine of the test; cheap to clone (shared state).
@@ -279,7 +296,116 @@ impl Machine {
             qmp: Mutex::new(None),
             qmp_connecting: Mutex::new(()),
             events: qmp::Events::new(),
+            snapshots: Mutex::new(Snapshots::default()),
         }))
+    }
+
+    /// Has every start of this machine restore its snapshot from `cache`
+    /// when there is one, and take one on a cold boot otherwise (when the
+    /// node can be cached at all: see [`snapshots::key`]).
+    pub fn use_snapshots(&self, cache: Cache) {
+        let key = match snapshots::key(&self.0.node, &self.0.vmm) {
+            Ok(key) => Some(key),
+            Err(why) => {
+                logger().log(Some(&self.0.name), &format!("no snapshot: {why}"));
+                None
+            }
+        };
+        *lock(&self.0.snapshots) = Snapshots {
+            cache: Some(cache),
+            key,
+            restored: None,
+        };
+    }
+
+    /// The snapshot to restore at the next start, if any.
+    fn snapshot_to_restore(&self) -> Option<PathBuf> {
+        let s = lock(&self.0.snapshots);
+        s.cache.as_ref()?.lookup(s.key.as_ref()?)
+    }
+
+    /// The snapshot this run of the VMM was restored from, once: only
+    /// the first console connection of a restored VMM comes without a
+    /// banner. Any later one (the guest rebooted, or a VMM that is going
+    /// away reconnected) must bring a banner as usual.
+    fn claim_restored(&self) -> Option<PathBuf> {
+        let generation = lock(&self.0.proc).generation;
+        let mut s = lock(&self.0.snapshots);
+        match &s.restored {
+            Some((g, _)) if *g == generation => s.restored.take().map(|(_, dir)| dir),
+            _ => None,
+        }
+    }
+
+    /// After a cold boot's banner: saves the guest as it stands (QMP
+    /// `migrate` to a staging directory, then `cont`) into the cache,
+    /// unless the cache has it already or the node cannot be cached. A
+    /// failure is logged and the test goes on.
+    fn take_snapshot(&self) {
+        let (cache, key) = {
+            let s = lock(&self.0.snapshots);
+            match (&s.cache, &s.key) {
+                (Some(c), Some(k)) if c.lookup(k).is_none() => (c.clone(), k.clone()),
+                _ => return,
+            }
+        };
+        let name = self.0.name.clone();
+        let started = Instant::now();
+        let staging = match cache.staging(&key) {
+            Ok(d) => d,
+            Err(e) => {
+                logger().log(Some(&name), &format!("no snapshot: {e}"));
+                return;
+            }
+        };
+        let mut args = qmp::Object::new();
+        args.insert("uri".into(), format!("file:{}", staging.display()).into());
+        let saved = self.qmp("migrate", Some(args), Duration::from_secs(600));
+        // The VM stays stopped after a migration; a failed one resumes by
+        // itself.
+        if saved.is_ok() {
+            if let Err(e) = self.qmp("cont", None, Duration::from_secs(60)) {
+                logger().log(
+                    Some(&name),
+                    &format!("cannot resume after the snapshot: {e}"),
+                );
+            }
+        }
+        let console = self.console_log();
+        let result = saved
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                std::fs::write(staging.join(CONSOLE_FILE), console)
+                    .map_err(|e| format!("cannot keep the boot console: {e}"))
+            })
+            .and_then(|()| cache.commit(&staging, &key, &name));
+        match result {
+            Ok(dir) => {
+                logger().log(
+                    Some(&name),
+                    &format!(
+                        "saved snapshot {key} in {:.2} seconds ({})",
+                        started.elapsed().as_secs_f64(),
+                        dir.display()
+                    ),
+                );
+                for e in cache.prune(snapshots::DEFAULT_MAX_BYTES) {
+                    logger().log(
+                        None,
+                        &format!(
+                            "snapshot cache: removed {} ({}, {} MiB)",
+                            e.key,
+                            e.node,
+                            e.bytes >> 20
+                        ),
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                logger().log(Some(&name), &format!("no snapshot saved: {e}"));
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -398,11 +524,19 @@ impl Machine {
     fn spawn_vmm(&self) -> Result<i32, MachineError> {
         let i = &self.0;
         let mut cmd = Command::new(&i.vmm);
+        // A guest that rebooted boots for real: a reboot is what a test
+        // wants to see (a new boot id, the boot's own console).
+        let restore = if lock(&i.proc).restarting {
+            None
+        } else {
+            self.snapshot_to_restore()
+        };
         let config = VmConfig {
             name: i.name.clone(),
             serial: SerialConfig::Stdio,
             console: Some(ConsoleBackend::Socket(i.state_dir.join("shell"))),
             qmp: vec![i.state_dir.join("qmp")],
+            incoming: restore.clone(),
             ..i.node.vm.clone()
         };
         cmd.args(config.to_args())
@@ -438,6 +572,9 @@ impl Machine {
         })?;
         let pid = child.id() as i32;
         let stdout = child.stdout.take();
+        if let Some(dir) = &restore {
+            self.replay_console(dir);
+        }
         {
             let mut p = lock(&i.proc);
             p.pid = Some(pid);
@@ -445,6 +582,7 @@ impl Machine {
             p.exit = None;
             p.restarting = false;
             p.generation += 1;
+            lock(&i.snapshots).restored = restore.map(|dir| (p.generation, dir));
         }
         if let Some(out) = stdout {
             let vm = self.clone();
@@ -538,13 +676,47 @@ impl Machine {
                 .replace('\r', "")
                 .trim_end()
                 .to_owned();
-            if let Some(f) = file.as_mut() {
-                let _ = writeln!(f, "{line}");
-            }
-            logger().serial(&name, &line);
-            let mut c = lock(&self.0.console);
-            c.queue.push_back(line.clone());
-            c.all.push(line);
+            self.console_line(file.as_mut(), &name, line);
+        }
+    }
+
+    /// One serial line: to the serial log, the event log and the console
+    /// buffers `wait_for_console_text` reads.
+    fn console_line(&self, file: Option<&mut File>, name: &str, line: String) {
+        if let Some(f) = file {
+            let _ = writeln!(f, "{line}");
+        }
+        logger().serial(name, &line);
+        let mut c = lock(&self.0.console);
+        c.queue.push_back(line.clone());
+        c.all.push(line);
+    }
+
+    /// A restored guest prints no boot messages: the ones its snapshot
+    /// kept (the console up to the snapshot) are replayed into the
+    /// console, so that a script waiting for boot output sees it, as
+    /// after a cold boot.
+    fn replay_console(&self, dir: &Path) {
+        let Ok(text) = std::fs::read_to_string(dir.join(CONSOLE_FILE)) else {
+            return;
+        };
+        let name = self.0.name.clone();
+        let path = self.0.out_dir.join(format!("{name}.serial.log"));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ok();
+        let lines: Vec<&str> = text.lines().collect();
+        logger().log(
+            Some(&name),
+            &format!(
+                "replaying {} boot console line(s) from the snapshot",
+                lines.len()
+            ),
+        );
+        for line in lines {
+            self.console_line(file.as_mut(), &name, line.to_owned());
         }
     }
 
@@ -611,6 +783,7 @@ impl Machine {
         // The VMM connects to our socket as soon as it starts. A VMM whose
         // connection we dropped (after a reboot request) reconnects before
         // it exits: a connection that closes before the banner is retried.
+        let mut restored = None;
         let (shell, generation) = loop {
             let stream = loop {
                 let accepted = lock(&self.0.listener)
@@ -638,6 +811,11 @@ impl Machine {
                 machine: name.clone(),
                 source: e.into(),
             })?;
+            if let Some(dir) = self.claim_restored() {
+                // A restored guest's shell waits for a command already.
+                restored = Some(dir);
+                break (shell, lock(&self.0.proc).generation);
+            }
             wait.phase = Phase::Banner {
                 timeout: timeout.saturating_sub(started.elapsed()),
             };
@@ -662,6 +840,31 @@ impl Machine {
         };
         *lock(&self.0.shell) = Some((shell, generation));
         logger().log(Some(&name), "connected to guest root shell");
+        match restored {
+            Some(dir) => {
+                // The guest's clock stood still since the snapshot.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let set = self.execute(
+                    &format!("date -u -s @{now} >/dev/null"),
+                    true,
+                    true,
+                    Some(60),
+                    false,
+                );
+                // Its output and status are read: a command left unread
+                // would put the next one's replies out of step.
+                if let Err(e) = set {
+                    logger().log(Some(&name), &format!("cannot set the guest's clock: {e}"));
+                }
+                logger().log(
+                    Some(&name),
+                    &format!("restored from snapshot {}", dir.display()),
+                );
+            }
+            None => self.take_snapshot(),
+        }
         logger().end_nested(
             Some(&name),
             "waiting for the VM to finish booting",

@@ -7,6 +7,7 @@ mod python;
 mod qmp;
 mod report;
 mod shell;
+mod snapshots;
 mod suite;
 mod switch;
 
@@ -41,6 +42,58 @@ enum Cmd {
     /// Run one VLAN switch on a unix socket until SIGINT or SIGTERM, then
     /// print its counters.
     Switch(switch::SwitchArgs),
+    /// List or prune the snapshot cache (nodes saved once booted, restored
+    /// by later runs) [$SKIFF_SNAPSHOTS, else $SKIFF_CACHE/snapshots, else
+    /// ~/.cache/skiff/snapshots].
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Every snapshot: key, node, size on disk, last use.
+    List,
+    /// Remove the least recently used snapshots until the rest fit.
+    Prune {
+        /// The size to keep to, in MiB (0 removes every snapshot).
+        #[arg(long, value_name = "MIB", default_value_t = snapshots::DEFAULT_MAX_BYTES >> 20)]
+        max_size: u64,
+    },
+}
+
+fn run_snapshot(cmd: &SnapshotCmd) -> Result<u8> {
+    let cache = snapshots::Cache::new(snapshots::Cache::default_dir());
+    match cmd {
+        SnapshotCmd::List => {
+            let entries = cache.list();
+            println!("{}: {} snapshot(s)", cache.dir().display(), entries.len());
+            let mut total = 0;
+            for e in &entries {
+                let age = e.used.elapsed().map_or(0, |d| d.as_secs());
+                println!(
+                    "{}  {:<16} {:>7.1} MiB  used {age} s ago",
+                    e.key,
+                    e.node,
+                    e.bytes as f64 / (1 << 20) as f64
+                );
+                total += e.bytes;
+            }
+            println!("total {:.1} MiB", total as f64 / (1 << 20) as f64);
+        }
+        SnapshotCmd::Prune { max_size } => {
+            let removed = cache.prune(max_size.saturating_mul(1 << 20));
+            for e in &removed {
+                println!(
+                    "removed {} ({}, {:.1} MiB)",
+                    e.key,
+                    e.node,
+                    e.bytes as f64 / (1 << 20) as f64
+                );
+            }
+            println!("{} snapshot(s) removed", removed.len());
+        }
+    }
+    Ok(0)
 }
 
 #[derive(Args, Clone)]
@@ -74,6 +127,9 @@ pub struct TestArgs {
     /// Capture every VLAN's frames to vlan<N>.pcap in the output directory.
     #[arg(long)]
     pcap: bool,
+    /// Boot every node cold: neither restore nor save snapshots.
+    #[arg(long)]
+    no_snapshot: bool,
 }
 
 fn find_vmm(given: Option<&Path>) -> Result<PathBuf> {
@@ -143,6 +199,12 @@ fn run_one(args: &TestArgs, path: &Path) -> Result<u8> {
             )
         })
         .collect();
+    if !args.no_snapshot {
+        let cache = snapshots::Cache::new(snapshots::Cache::default_dir());
+        for (m, _) in &machines {
+            m.use_snapshots(cache.clone());
+        }
+    }
     logger().log(
         None,
         &format!(
@@ -257,6 +319,7 @@ fn main() -> ExitCode {
         }
         Cmd::Test(args) => suite::run(&args),
         Cmd::Switch(args) => switch::run_standalone(&args),
+        Cmd::Snapshot(cmd) => run_snapshot(&cmd),
     };
     match r {
         Ok(code) => ExitCode::from(code),

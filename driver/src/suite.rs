@@ -134,6 +134,9 @@ pub fn run(args: &TestArgs) -> Result<u8> {
             if args.keep_state {
                 cmd.arg("--keep-state");
             }
+            if args.no_snapshot {
+                cmd.arg("--no-snapshot");
+            }
             if args.pcap {
                 cmd.arg("--pcap");
             }

@@ -761,7 +761,8 @@ pub fn run_batch_with(
 /// A `skiff test ARGS` run through `sh`, with its output (stdout and
 /// stderr) as the outcome's serial text. Afterwards the script reports
 /// `exit=N`, any skiff-vmm still running from this run and anything left in
-/// its TMPDIR (state dirs, sockets).
+/// its TMPDIR (state dirs, sockets). The run's snapshot cache is in that
+/// TMPDIR too, so every run starts with none (`env` may name another).
 pub fn skiff_run(name: &str, args: &str, out_dir: &Path, timeout_s: u64) -> VmSpec {
     skiff_run_env(name, "", args, out_dir, timeout_s)
 }
@@ -771,12 +772,13 @@ pub fn skiff_run_env(name: &str, env: &str, args: &str, out_dir: &Path, timeout_
     let tmp = format!("/tmp/skiff-t-{name}-{}", std::process::id());
     let script = format!(
         "cd {ws} && rm -rf {tmp} && mkdir -p {tmp} && \
-         SKIFF_GUEST={guest} TMPDIR={tmp} NO_COLOR=1 {env} {skiff} test {args} -o {out} 2>&1; \
+         SKIFF_GUEST={guest} TMPDIR={tmp} SKIFF_SNAPSHOTS={tmp}/snapshots NO_COLOR=1 {env} \
+         {skiff} test {args} -o {out} 2>&1; \
          echo \"exit=$?\"; \
          for p in $(pgrep -x skiff-vmm) $(pgrep -x skiff); do \
            tr '\\0' ' ' < /proc/$p/cmdline | grep -qF {tmp} && echo \"LEFTOVER-PROCESS $p\"; \
          done; \
-         ls -A {tmp} | sed 's/^/LEFTOVER-STATE /'; \
+         ls -A {tmp} | grep -vx snapshots | sed 's/^/LEFTOVER-STATE /'; \
          rm -rf {tmp}",
         ws = shell_quote(&workspace_root().display().to_string()),
         guest = shell_quote(&cache_dir().join("guest").display().to_string()),

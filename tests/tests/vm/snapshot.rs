@@ -349,3 +349,76 @@ fn the_driver_boots_each_node_once_and_restores_it_after() {
         eprintln!("{}:\n{}", run.name, table.join("\n"));
     }
 }
+
+/// A systemd guest on a writable copy of the Debian root: a file written
+/// and not synced before `migrate` is there after `--incoming`, and after
+/// the restored guest powers off cleanly the image passes `e2fsck -fn`
+/// and holds the file.
+#[test]
+fn a_systemd_guest_keeps_unsynced_writes_over_a_restore() {
+    let f = fixtures();
+    let dir = scratch_dir("snapshot-systemd-input");
+    let image = dir.join("root.img");
+    let status = std::process::Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(crate::systemd::rootfs("rootfs.ext4"))
+        .arg(&image)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "copying rootfs.ext4");
+    let snap = dir.join("snap");
+    let mut config = crate::systemd::systemd_guest(&f.microvm, disk(&image), "root=/dev/vda rw", 2);
+    config.qmp = vec![format!("/tmp/skiff-snapshot-systemd-{}.qmp", std::process::id()).into()];
+    let migrate = format!("migrate={}", snap.display());
+    let checks = [
+        "systemd",
+        "cmd:write=echo unsynced-before-the-snapshot > /root/snapshot-note && cat /root/snapshot-note",
+        &migrate,
+        "cmd:note=cat /root/snapshot-note",
+        "cmd:unit=systemctl is-active multi-user.target",
+        // As a clean shutdown leaves it (the session's poweroff is
+        // forced): everything written, then the root read-only, which
+        // checkpoints ext4's journal.
+        "cmd:readonly=sync && echo 1 > /proc/sys/kernel/sysrq && echo u > /proc/sysrq-trigger \
+         && sleep 3 && grep ' / ' /proc/mounts",
+    ];
+    let mut session = VmSpec::session(
+        "systemd",
+        Path::new(crate::systemd::SESSION),
+        "bash",
+        &checks,
+        config,
+    );
+    session.timeout_s = 1800;
+    let fsck = VmSpec::shell(
+        "fsck",
+        format!(
+            "e2fsck -fn {img}; echo e2fsck=$?; debugfs -R 'cat /root/snapshot-note' {img} 2>/dev/null",
+            img = image.display()
+        ),
+        300,
+    );
+    let o = run_batch("snapshot-systemd", 3072, &[session, fsck]);
+    let (guest, check) = (&o[0], &o[1]);
+    assert_eq!(guest.status, Some(0), "{}", guest.describe());
+    guest.assert_check("migrate");
+    assert!(
+        guest
+            .assert_check("cmd:note")
+            .ends_with("unsynced-before-the-snapshot"),
+        "{}",
+        guest.describe()
+    );
+    assert!(guest.assert_check("cmd:unit").ends_with("active"));
+    assert!(
+        guest.assert_check("cmd:readonly").contains(" ro"),
+        "{}",
+        guest.describe()
+    );
+    assert!(check.serial.contains("e2fsck=0"), "{}", check.serial);
+    assert!(
+        check.serial.contains("unsynced-before-the-snapshot"),
+        "{}",
+        check.serial
+    );
+}

@@ -2,7 +2,8 @@
 //! it (header, checksum, JSON payload) returns a snapshot or an error,
 //! never a panic or an allocation the header alone asked for. The fuzzer
 //! gets a valid header for its bytes half the time, so the payload parser
-//! is reached past the checksum.
+//! is reached past the checksum, and each device state it holds is
+//! restored into a real transport.
 #![no_main]
 
 use std::path::Path;
@@ -23,8 +24,12 @@ fuzz_target!(|data: &[u8]| {
             framed.extend_from_slice(&sha2::Sha256::digest(payload));
             framed.extend_from_slice(payload);
             if let Ok(snapshot) = parse_state(path, &framed) {
-                // Whatever parsed must also be checked without a panic.
+                // Whatever parsed must also be checked, and each device
+                // state restored into a real transport, without a panic.
                 let _ = snapshot.check_fits(&snapshot.machine.clone());
+                for t in &snapshot.virtio {
+                    let _ = skiff_devices::snapshot::fuzz_restore(&t.state);
+                }
             }
         }
     }

@@ -1,12 +1,14 @@
 //! A hardware-reduced ACPI Generic Event Device (GED, `ACPI0013`) that
-//! carries the power button.
+//! carries the power button and changes of the VM generation id.
 //!
 //! The DSDT describes the GED with one interrupt and a 4-byte event
 //! register at [`GED_PORT_LEN`] bytes of port I/O; its `_EVT` method reads
-//! the register and, when [`GED_EVENT_POWER_BUTTON`] is set, notifies the
-//! `PNP0C0C` power button device, which Linux's ACPI button driver turns
-//! into a KEY_POWER press for systemd-logind or acpid. Reading the
-//! register clears the events it reports.
+//! the register and, for each event bit set, notifies a device: the
+//! `PNP0C0C` power button for [`GED_EVENT_POWER_BUTTON`] (Linux's ACPI
+//! button driver turns it into a KEY_POWER press for systemd-logind or
+//! acpid), the `VMGENCTR` device for [`GED_EVENT_VMGENID`] (Linux's
+//! vmgenid driver rereads the id and reseeds). Reading the register
+//! clears the events it reports.
 //!
 //! Its state is the pending events ([`Ged::snapshot`], [`Ged::restore`]).
 
@@ -19,6 +21,10 @@ use crate::BusDevice;
 pub const GED_PORT_LEN: u64 = 4;
 /// Event bit: the power button was pressed.
 pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+/// Event bit: the VM generation id changed (a restore from a snapshot).
+pub const GED_EVENT_VMGENID: u32 = 1 << 1;
+/// Every event bit the GED posts.
+pub const GED_EVENTS: u32 = GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID;
 
 /// The GED: pending events and the interrupt that announces them.
 pub struct Ged<T: Trigger> {
@@ -59,7 +65,7 @@ impl<T: Trigger> Ged<T> {
     /// The interrupt is not raised again: one the guest had not taken is
     /// part of the interrupt controller's saved state.
     pub fn restore(&mut self, snap: &GedSnapshot) -> Result<(), SnapshotError> {
-        if snap.pending & !GED_EVENT_POWER_BUTTON != 0 {
+        if snap.pending & !GED_EVENTS != 0 {
             return Err(SnapshotError::Invalid {
                 device: "ged".into(),
                 reason: format!("pending events {:#x} include unknown ones", snap.pending),
@@ -121,6 +127,17 @@ mod tests {
     }
 
     #[test]
+    fn a_generation_id_change_is_an_event_of_its_own() {
+        let irq = Counter::default();
+        let mut g = Ged::new(irq.clone());
+        g.notify(GED_EVENT_VMGENID).unwrap();
+        g.press_power_button().unwrap();
+        assert_eq!(irq.0.load(Ordering::SeqCst), 2);
+        assert_eq!(read(&mut g, 0, 4), GED_EVENTS.to_le_bytes());
+        assert_eq!(read(&mut g, 0, 4), [0; 4]);
+    }
+
+    #[test]
     fn odd_accesses_leave_events_pending() {
         let mut g = Ged::new(Counter::default());
         g.press_power_button().unwrap();
@@ -158,5 +175,10 @@ mod tests {
         let e = r.restore(&GedSnapshot { pending: 6 }).unwrap_err();
         assert!(e.to_string().contains("pending events 0x6"), "{e}");
         assert_eq!(r.pending(), 0);
+        r.restore(&GedSnapshot {
+            pending: GED_EVENTS,
+        })
+        .unwrap();
+        assert_eq!(r.pending(), GED_EVENTS);
     }
 }

@@ -10,7 +10,7 @@
 //! 4. [`attach_legacy_devices`]: serial, i8042, ACPI PM, pvpanic, GED;
 //! 5. [`attach_virtio_devices`]: the virtio-mmio transports;
 //! 6. [`write_boot_data`]: command line, zero page and ACPI tables, which
-//!    describe the devices of steps 4 and 5;
+//!    describe the devices of steps 4 and 5, and the VM generation id;
 //! 7. [`create_vcpus`]: configured for a 64-bit Linux entry.
 //!
 //! A restore (`--incoming file:DIR`) follows the same recipe with the
@@ -18,7 +18,9 @@
 //! and maps its memory file as guest RAM instead of loading images;
 //! step 6 is skipped (the boot data is in the restored memory); step 7
 //! creates the vCPUs bare, and [`restore_state`] then puts the saved
-//! device, VM and vCPU state in, devices first.
+//! device, VM and vCPU state in, devices first; last, [`new_generation`]
+//! gives the restored guest a new VM generation id, so no two VMs
+//! restored from one snapshot share their random numbers.
 //!
 //! Nothing runs until [`Vm::run`].
 
@@ -33,13 +35,13 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use log::debug;
-use skiff_devices::legacy::SerialOutput;
+use skiff_devices::legacy::{SerialOutput, VmGenId, GED_EVENT_VMGENID};
 use skiff_devices::virtio::block::Block;
 use skiff_devices::virtio::console::{Console, ConsoleBackend};
 use skiff_devices::virtio::net::{Net, NetConfig};
 use skiff_devices::virtio::rng::Rng;
 use skiff_devices::{GuestPowerEvent, PowerEventSink};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, acpi, BootError, LoadedInitrd, LoadedKernel};
@@ -54,7 +56,7 @@ use crate::error::{setup_err, VmError};
 use crate::event_loop::SerialInput;
 use crate::exit::ExitReason;
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
-use crate::memory::{self, GuestRam};
+use crate::memory::{self, GuestRam, VMGENID_START};
 use crate::snapshot::{self, MachineShape, VmSnapshot};
 use crate::sync::lock;
 use crate::vm::{MainChannel, Vm};
@@ -114,6 +116,7 @@ impl Vm {
             Source::Snapshot(dir, snapshot) => {
                 let vcpus = create_vcpus(&kvm, &vm, config.cpus, None)?;
                 restore_state(dir, snapshot, &vm, &vcpus, &legacy, &virtio.manager)?;
+                new_generation(&mem, &legacy)?;
                 vcpus
             }
         };
@@ -229,6 +232,18 @@ fn restore_state(
     for (index, (vcpu, state)) in vcpus.iter().zip(&snapshot.vcpus).enumerate() {
         snapshot::vcpu::restore(vcpu, index, state)?;
     }
+    Ok(())
+}
+
+/// After a restore: a new VM generation id in guest memory, announced
+/// through the GED once the restored interrupt controller is in place
+/// (the guest takes the interrupt when its vCPUs run).
+fn new_generation(mem: &GuestRam, legacy: &LegacyDevices) -> Result<(), VmError> {
+    VmGenId::new(GuestAddress(VMGENID_START))?.write_to(&**mem)?;
+    lock(&legacy.ged)
+        .notify(GED_EVENT_VMGENID)
+        .map_err(setup_err("the GED's interrupt for the new generation id"))?;
+    debug!("new VM generation id; the guest is notified through the GED");
     Ok(())
 }
 
@@ -598,6 +613,7 @@ fn write_boot_data(
         config.memory_mib << 20,
     )?;
     acpi::write_tables(mem, config.cpus, &dsdt_devices)?;
+    VmGenId::new(GuestAddress(VMGENID_START))?.write_to(&**mem)?;
     Ok(())
 }
 

@@ -77,6 +77,9 @@ pub enum VmError {
     /// does not fit this VM.
     #[error("cannot restore the snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
+    /// The VM generation id could not be made or placed.
+    #[error(transparent)]
+    VmGenId(#[from] skiff_devices::legacy::VmGenIdError),
     /// Platform wiring (buses, eventfds, threads).
     #[error("cannot set up {what}: {detail}")]
     Setup { what: &'static str, detail: String },

@@ -37,6 +37,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// Start of the reserved area below 1 MiB (EBDA).
 pub const EBDA_START: u64 = 0x9fc00;
+/// The VM generation id (16 bytes) at the start of the reserved EBDA area:
+/// the guest never allocates it and the DSDT's `VGEN.ADDR` points at it.
+pub const VMGENID_START: u64 = EBDA_START;
 /// ACPI RSDP; the other ACPI tables follow it.
 pub const RSDP_START: u64 = 0xe0000;
 /// End of the area where the ACPI tables may go.

@@ -17,7 +17,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use skiff_devices::legacy::{
-    ACPI_RESET_VALUE, ACPI_SLP_TYP_S5, GED_EVENT_POWER_BUTTON, GED_PORT_LEN,
+    ACPI_RESET_VALUE, ACPI_SLP_TYP_S5, GED_EVENT_POWER_BUTTON, GED_EVENT_VMGENID, GED_PORT_LEN,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -25,7 +25,7 @@ use crate::layout::{
     ACPI_PM_PORT, GED_IRQ, GED_PORT, IOAPIC_START, LAPIC_START, PVPANIC_PORT, SERIAL_IRQ,
     SERIAL_PORT,
 };
-use crate::memory::{ACPI_END, RSDP_START};
+use crate::memory::{ACPI_END, RSDP_START, VMGENID_START};
 
 const OEM_ID: [u8; 6] = *b"SKIFF ";
 const OEM_TABLE_ID: [u8; 8] = *b"SKIFFVM ";
@@ -59,7 +59,8 @@ fn to_bytes(obj: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The Generic Event Device and the power button it notifies:
+/// The Generic Event Device and the devices it notifies, the power button
+/// and the VM generation id:
 ///
 /// ```text
 /// Device (\_SB.GED) {
@@ -70,9 +71,14 @@ fn to_bytes(obj: &dyn Aml) -> Vec<u8> {
 ///     Method (_EVT, 1, Serialized) {
 ///         Local0 = GDAT
 ///         If ((Local0 & 1) == 1) { Notify (\_SB.PWRB, 0x80) }
+///         If ((Local0 & 2) == 2) { Notify (\_SB.VGEN, 0x80) }
 ///     }
 /// }
 /// Device (\_SB.PWRB) { Name (_HID, EisaId ("PNP0C0C"))  Name (_UID, Zero) }
+/// Device (\_SB.VGEN) {
+///     Name (_HID, "VMGENCTR")  Name (_CID, "VM_Gen_Counter")  Name (_DDN, "VM_Gen_Counter")
+///     Name (ADDR, Package () { VMGENID_START & 0xffffffff, VMGENID_START >> 32 })
+/// }
 /// ```
 pub fn ged_aml() -> Vec<u8> {
     let mut out = Vec::new();
@@ -97,7 +103,18 @@ pub fn ged_aml() -> Vec<u8> {
     let button = aml::Path::new("\\_SB_.PWRB");
     let notify = aml::Notify::new(&button, &notify_value);
     let on_power = aml::If::new(&is_power, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &masked, &on_power]);
+    let vmgenid = GED_EVENT_VMGENID;
+    let masked_vmgenid = aml::And::new(&aml::Local(1), &aml::Local(0), &vmgenid);
+    let is_vmgenid = aml::Equal::new(&aml::Local(1), &vmgenid);
+    let generation = aml::Path::new("\\_SB_.VGEN");
+    let notify_generation = aml::Notify::new(&generation, &notify_value);
+    let on_vmgenid = aml::If::new(&is_vmgenid, vec![&notify_generation]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read, &masked, &on_power, &masked_vmgenid, &on_vmgenid],
+    );
     aml::Device::new(
         "_SB_.GED_".into(),
         vec![
@@ -118,10 +135,23 @@ pub fn ged_aml() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut out);
+    let low = (VMGENID_START & 0xffff_ffff) as u32;
+    let high = (VMGENID_START >> 32) as u32;
+    aml::Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMGENCTR"),
+            &aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("ADDR".into(), &aml::Package::new(vec![&low, &high])),
+        ],
+    )
+    .to_aml_bytes(&mut out);
     out
 }
 
-/// The DSDT's AML body: COM1, pvpanic, the GED and power button, `_S5_`
+/// The DSDT's AML body: COM1, pvpanic, the GED with the power button and
+/// the generation id, `_S5_`
 /// and `extra` (already-encoded AML device objects, appended as is).
 pub fn dsdt_body(extra: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
@@ -292,6 +322,8 @@ mod tests {
         assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
         assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
         assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
+        assert!(dsdt.windows(8).any(|w| w == b"VMGENCTR"));
+        assert!(dsdt.windows(4).any(|w| w == b"ADDR"));
         let madt = table_at(&mem, entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         assert!(checksum_ok(&madt));

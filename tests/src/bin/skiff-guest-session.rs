@@ -14,7 +14,14 @@
 //! `migrate=DIR`: saves the VM with QMP `migrate file:DIR` (the VMM's
 //! arguments must have `--qmp=PATH`), quits it, starts the same VMM with
 //! `--incoming=file:DIR`, and goes on with the next checks in the restored
-//! guest. Lines `CHECK <name> ok|FAIL ...` go to stderr; the exit status
+//! guest. `clones=DIR:N` saves the VM the same way and starts N VMMs at
+//! once, all restoring that one snapshot (each with its own console and
+//! QMP socket): each clone must have reseeded its RNG for the new VM
+//! generation id (kernel log) and give bytes of `/dev/urandom` no other
+//! clone gives; each clone's clock, set from the host's over the backdoor
+//! as the driver does, must then keep within 2 s of the host's; the
+//! clones' summed PSS and each one's RSS are reported. The first clone
+//! goes on with the next checks, the others are powered off. Lines `CHECK <name> ok|FAIL ...` go to stderr; the exit status
 //! is 0 only if every check passed and the VMM exited with 0.
 
 use std::os::unix::net::UnixListener;
@@ -225,21 +232,14 @@ fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Option<i32>
     }
 }
 
-/// The `migrate=DIR` check: saves the VM, ends it, starts the same VMM
-/// restoring it, and reattaches to the guest's shell. Returns what it saw.
-fn migrate_and_restore(
+/// Saves the VM with QMP `migrate file:DIR`, checks that it is left in
+/// `postmigrate`, and quits it; returns how long the save took.
+fn save_and_quit(
     dir: &str,
     vmm: &[String],
     child: &mut std::process::Child,
-    listener: &UnixListener,
-    shell: &str,
-    b: &mut Backdoor,
-) -> Result<String, String> {
-    let socket = vmm
-        .iter()
-        .find_map(|a| a.strip_prefix("--qmp="))
-        .ok_or("migrate needs the VMM's --qmp=PATH")?
-        .to_owned();
+) -> Result<Duration, String> {
+    let socket = qmp_socket(vmm)?;
     let t = Instant::now();
     qmp(
         &socket,
@@ -257,6 +257,241 @@ fn migrate_and_restore(
     if code != Some(0) {
         return Err(format!("the saved VMM exited with {code:?} after quit"));
     }
+    Ok(saved)
+}
+
+fn qmp_socket(vmm: &[String]) -> Result<String, String> {
+    vmm.iter()
+        .find_map(|a| a.strip_prefix("--qmp="))
+        .map(str::to_owned)
+        .ok_or_else(|| "migrate and clones need the VMM's --qmp=PATH".to_owned())
+}
+
+/// One VM restored by the `clones` check.
+struct Clone {
+    child: std::process::Child,
+    backdoor: Backdoor,
+    /// Its console listener (None: the session's own).
+    _listener: Option<UnixListener>,
+    socket: String,
+}
+
+/// Seconds since the epoch on the host.
+fn host_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A `/proc/PID/smaps_rollup` field, in KiB.
+fn smaps_kib(pid: u32, field: &str) -> Result<u64, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(|e| format!("/proc/{pid}/smaps_rollup: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/smaps_rollup has no {field}"))
+}
+
+/// The `clones=DIR:N` check (see the top of this file). On success the
+/// first clone replaces the session's VMM and backdoor.
+fn clones(
+    arg: &str,
+    vmm: &[String],
+    session_socket: &str,
+    child: &mut std::process::Child,
+    listener: &UnixListener,
+    shell: &str,
+    b: &mut Backdoor,
+) -> Result<String, String> {
+    let (dir, n) = arg
+        .rsplit_once(':')
+        .and_then(|(d, n)| Some((d, n.parse::<usize>().ok()?)))
+        .filter(|&(_, n)| n >= 2)
+        .ok_or_else(|| format!("clones={arg}: expected DIR:N with N at least 2"))?;
+    let saved = save_and_quit(dir, vmm, child)?;
+    // Start every clone before attaching to any: they restore at once.
+    let t = Instant::now();
+    let mut started = Vec::new();
+    for k in 0..n {
+        let (socket, own) = if k == 0 {
+            (session_socket.to_owned(), None)
+        } else {
+            let socket = format!("{session_socket}.{k}");
+            let _ = std::fs::remove_file(&socket);
+            let l = UnixListener::bind(&socket).map_err(|e| format!("listen on {socket}: {e}"))?;
+            (socket, Some(l))
+        };
+        let args: Vec<String> = vmm[1..]
+            .iter()
+            .map(|a| {
+                if k == 0 {
+                    a.clone()
+                } else if let Some(q) = a.strip_prefix("--qmp=") {
+                    format!("--qmp={q}.{k}")
+                } else {
+                    a.replace(session_socket, &socket)
+                }
+            })
+            .collect();
+        let c = Command::new(&vmm[0])
+            .args(&args)
+            .arg(format!("--incoming=file:{dir}"))
+            .spawn()
+            .map_err(|e| format!("cannot start clone {k}: {e}"))?;
+        started.push((c, own, socket));
+    }
+    let mut all = Vec::new();
+    let mut failed = None;
+    for (k, (mut c, own, socket)) in started.into_iter().enumerate() {
+        let l = own.as_ref().unwrap_or(listener);
+        match Backdoor::reattach(l, shell, Duration::from_secs(300)) {
+            Ok(backdoor) if failed.is_none() => all.push(Clone {
+                child: c,
+                backdoor,
+                _listener: own,
+                socket,
+            }),
+            Ok(_) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Err(e) => {
+                failed = Some(format!("clone {k}'s console: {e}"));
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    if let Some(e) = failed {
+        for mut c in all {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+        return Err(e);
+    }
+    let result = check_clones(&mut all, t);
+    // The first clone goes on as the session's VM; the others end.
+    let mut others = all.split_off(1);
+    let first = all.pop().expect("at least two clones");
+    *child = first.child;
+    *b = first.backdoor;
+    let mut ended = Vec::new();
+    for (k, mut c) in others.drain(..).enumerate() {
+        let _ = c.backdoor.poweroff();
+        let code = wait_bounded(&mut c.child, Duration::from_secs(120));
+        let _ = std::fs::remove_file(&c.socket);
+        ended.push(format!("clone {} exited with {code:?}", k + 1));
+        if code != Some(0) && result.is_ok() {
+            return Err(format!("clone {} exited with {code:?}", k + 1));
+        }
+    }
+    result.map(|r| {
+        format!(
+            "saved in {} ms; {n} clones: {r}; {}",
+            saved.as_millis(),
+            ended.join(", ")
+        )
+    })
+}
+
+/// What the `clones` check checks once every clone answers.
+fn check_clones(all: &mut [Clone], started: Instant) -> Result<String, String> {
+    let run = |c: &mut Clone, k: usize, cmd: &str| -> Result<String, String> {
+        let (status, out) = c
+            .backdoor
+            .execute(cmd, Some(120))
+            .map_err(|e| format!("clone {k}, `{cmd}`: {e}"))?;
+        let out = String::from_utf8_lossy(&out).trim().to_owned();
+        if status != 0 {
+            return Err(format!("clone {k}, `{cmd}`: status {status}: {out}"));
+        }
+        Ok(out)
+    };
+    let mut answered = Vec::new();
+    for (k, c) in all.iter_mut().enumerate() {
+        run(c, k, "true")?;
+        answered.push(started.elapsed().as_millis());
+    }
+    // The reseed is the guest's answer to the GED's notification; wait
+    // for it before reading random bytes.
+    let reseeded = "for i in $(seq 1 300); do \
+         dmesg | grep -q 'crng reseeded due to virtual machine fork' && break; sleep 0.1; done; \
+         dmesg | grep -c 'crng reseeded due to virtual machine fork'";
+    let mut random = Vec::new();
+    for (k, c) in all.iter_mut().enumerate() {
+        let count = run(c, k, &format!("{reseeded} || true"))?;
+        if count != "1" {
+            return Err(format!(
+                "clone {k}: the kernel log has {count} lines 'crng reseeded due to virtual machine fork', expected 1"
+            ));
+        }
+        random.push(run(
+            c,
+            k,
+            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'",
+        )?);
+    }
+    for i in 0..random.len() {
+        for j in i + 1..random.len() {
+            if random[i] == random[j] {
+                return Err(format!(
+                    "clones {i} and {j} read the same /dev/urandom bytes {}",
+                    random[i]
+                ));
+            }
+        }
+    }
+    // The clock: each clone's is behind by the time since the save; set
+    // it from the host's, as the driver does, then see it keep time.
+    let mut behind = Vec::new();
+    for (k, c) in all.iter_mut().enumerate() {
+        let guest: i64 = run(c, k, "date +%s")?
+            .parse()
+            .map_err(|e| format!("clone {k}: date +%s: {e}"))?;
+        behind.push(host_now() as i64 - guest);
+        run(c, k, &format!("date -u -s @{} >/dev/null", host_now()))?;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let mut drift = Vec::new();
+    for (k, c) in all.iter_mut().enumerate() {
+        let guest: i64 = run(c, k, "date +%s")?
+            .parse()
+            .map_err(|e| format!("clone {k}: date +%s: {e}"))?;
+        let d = guest - host_now() as i64;
+        if d.abs() > 2 {
+            return Err(format!(
+                "clone {k}: date +%s is {d} s off the host's 3 s after it was set"
+            ));
+        }
+        drift.push(d);
+    }
+    let mut pss = Vec::new();
+    let mut rss = Vec::new();
+    for c in all.iter() {
+        pss.push(smaps_kib(c.child.id(), "Pss")?);
+        rss.push(smaps_kib(c.child.id(), "Rss")?);
+    }
+    Ok(format!(
+        "answered at {answered:?} ms after they started; each reseeded once; urandom {random:?}; \
+         clocks {behind:?} s behind before set, {drift:?} s off after; \
+         pss_kib {pss:?} sum {}; rss_kib {rss:?}",
+        pss.iter().sum::<u64>()
+    ))
+}
+
+/// The `migrate=DIR` check: saves the VM, ends it, starts the same VMM
+/// restoring it, and reattaches to the guest's shell. Returns what it saw.
+fn migrate_and_restore(
+    dir: &str,
+    vmm: &[String],
+    child: &mut std::process::Child,
+    listener: &UnixListener,
+    shell: &str,
+    b: &mut Backdoor,
+) -> Result<String, String> {
+    let saved = save_and_quit(dir, vmm, child)?;
     let t = Instant::now();
     *child = Command::new(&vmm[0])
         .args(&vmm[1..])
@@ -336,6 +571,9 @@ fn main() -> ExitCode {
                 let result = if name == "migrate" {
                     let dir = arg.unwrap_or_default();
                     migrate_and_restore(dir, &vmm, &mut child, &listener, &shell, &mut b)
+                } else if name == "clones" {
+                    let arg = arg.unwrap_or_default();
+                    clones(arg, &vmm, &socket, &mut child, &listener, &shell, &mut b)
                 } else {
                     check(name, arg, &mut b)
                 };

@@ -5,7 +5,9 @@
 //! back from the snapshot while its base image stays untouched, and the
 //! rng and the console work. Damaged copies of that snapshot, and VMs
 //! that do not fit it, are refused with exit status 1 and a message that
-//! names the problem.
+//! names the problem. Three VMs restored at once from one snapshot get
+//! new VM generation ids, so their random numbers differ, and share the
+//! snapshot's clean pages.
 
 use std::path::Path;
 
@@ -194,6 +196,83 @@ fn a_busybox_guest_survives_migrate_to_file_and_incoming() {
     let memory = std::fs::metadata(snap.join("memory")).unwrap();
     assert_eq!(memory.len(), 512 << 20);
     assert!(snap.join("state").is_file());
+}
+
+/// A number after `key` in a check line (`key 123` or `key [1, 2]`: the
+/// list's numbers).
+fn numbers_after(line: &str, key: &str) -> Vec<u64> {
+    let rest = line
+        .split_once(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
+        .1
+        .trim_start();
+    let field = if let Some(list) = rest.strip_prefix('[') {
+        list.split(']').next().unwrap_or_default()
+    } else {
+        rest.split([';', ' ']).next().unwrap_or_default()
+    };
+    field
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{key}: {line:?}"))
+        })
+        .collect()
+}
+
+/// Three VMs restored at once from one snapshot of a busybox guest: each
+/// runs, each reseeds its RNG for its new VM generation id so their
+/// `/dev/urandom` bytes differ, each clock set from the host's keeps within
+/// 2 s of it, and the three share the snapshot's clean pages: their summed
+/// PSS is printed beside one guest's RSS and must stay under twice it
+/// (three times it if nothing were shared).
+#[test]
+fn three_clones_of_one_snapshot_diverge_and_share_memory() {
+    let f = fixtures();
+    let qmp = format!("/tmp/skiff-clones-{}.qmp", std::process::id());
+    // In the test host's own /tmp, as a snapshot cache on a local disk.
+    let snap = format!("/tmp/skiff-clones-{}", std::process::id());
+    let config = VmConfig {
+        initrd: Some(f.initrd.clone()),
+        cmdline: "console=ttyS0 panic=-1 skiff.action=backdoor".into(),
+        memory_mib: 256,
+        cpus: 1,
+        qmp: vec![qmp.into()],
+        ..VmConfig::new(&f.microvm)
+    };
+    let clones = format!("clones={snap}:3");
+    let checks = [
+        "cmd:booted=echo booted; head -c 8 /dev/urandom | wc -c",
+        &clones,
+        "cmd:after=echo first clone goes on",
+    ];
+    let spec = VmSpec::session("clones", Path::new(SESSION), "sh", &checks, config);
+    let outcomes = run_batch("snapshot-clones", 2048, &[spec]);
+    let o = &outcomes[0];
+    eprintln!("{}", o.log);
+    assert_eq!(o.status, Some(0), "{}", o.describe());
+    let line = o.assert_check("clones");
+    eprintln!("clones: {line}");
+    assert!(line.contains("each reseeded once"), "{}", o.describe());
+    let pss = numbers_after(line, "pss_kib");
+    let rss = numbers_after(line, "rss_kib");
+    assert_eq!((pss.len(), rss.len()), (3, 3), "{line}");
+    let sum: u64 = pss.iter().sum();
+    let one = *rss.iter().max().unwrap();
+    eprintln!(
+        "summed PSS of three clones: {} MiB; one clone's RSS: {} MiB ({:.2}x)",
+        sum / 1024,
+        one / 1024,
+        sum as f64 / one as f64
+    );
+    // Unshared, three clones would cost three RSS; sharing the
+    // snapshot's clean pages must save at least a third of that.
+    assert!(
+        sum < one * 2,
+        "the clones share too little: summed PSS {sum} KiB, one RSS {one} KiB\n{line}"
+    );
+    assert!(o.assert_check("cmd:after").ends_with("goes on"));
 }
 
 /// The descriptions of the API test suite (tests/nixos/suite/).

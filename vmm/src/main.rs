@@ -39,7 +39,15 @@ fn init_logging(name: &str) {
 }
 
 fn run(config: VmConfig) -> anyhow::Result<i32> {
+    let start = std::time::Instant::now();
+    let what = if config.incoming.is_some() {
+        "snapshot restored"
+    } else {
+        "VM built, kernel loaded"
+    };
     let vm = Vm::new(config).context("cannot start the VM")?;
+    // The set-up time alone (a restore's cost before the guest runs).
+    log::info!("{what} in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
     let reason = vm.run().context("VM failed")?;
     log_exit(&reason);
     Ok(reason.exit_code())

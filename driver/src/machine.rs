@@ -212,6 +212,8 @@ struct Snapshots {
     /// The VMM generation that was restored, and from where: its guest
     /// shell is already up, so no banner comes.
     restored: Option<(u64, PathBuf)>,
+    /// A named snapshot the next start restores (`restore_snapshot`).
+    next: Option<PathBuf>,
 }
 
 /// A QMP connection and the VMM generation it belongs to.
@@ -314,14 +316,101 @@ impl Machine {
         *lock(&self.0.snapshots) = Snapshots {
             cache: Some(cache),
             key,
-            restored: None,
+            ..Snapshots::default()
         };
     }
 
-    /// The snapshot to restore at the next start, if any.
+    /// The snapshot to restore at the next start, if any: a named one
+    /// the script asked for, else the cache's.
     fn snapshot_to_restore(&self) -> Option<PathBuf> {
-        let s = lock(&self.0.snapshots);
+        let mut s = lock(&self.0.snapshots);
+        if let Some(dir) = s.next.take() {
+            return Some(dir);
+        }
         s.cache.as_ref()?.lookup(s.key.as_ref()?)
+    }
+
+    /// Where the script's snapshot `name` lives (the machine's state
+    /// directory), once the name is checked.
+    fn named_snapshot(&self, name: &str) -> Result<PathBuf, MachineError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(self.fail(format!(
+                "snapshot name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.', \
+                 not starting with '.'"
+            )));
+        }
+        Ok(self.0.state_dir.join("snapshots").join(name))
+    }
+
+    /// `machine.snapshot(name)`: saves the running machine as `name`
+    /// (replacing an earlier one of that name) and lets it run on. The
+    /// guest shell is connected first, so that a restore finds it waiting
+    /// for a command, as this save leaves it. Returns the seconds taken.
+    pub fn save_snapshot(&self, name: &str) -> Result<f64, MachineError> {
+        let dir = self.named_snapshot(name)?;
+        if let Some(why) = snapshots::cannot_snapshot(&self.0.node) {
+            return Err(self.fail(format!("cannot take snapshot {name:?}: {why}")));
+        }
+        if !self.running() {
+            return Err(self.not_running("snapshot() needs a running machine"));
+        }
+        self.connect(None)?;
+        let started = Instant::now();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| self.fail(format!("cannot create {}: {e}", dir.display())))?;
+        let mut args = qmp::Object::new();
+        args.insert("uri".into(), format!("file:{}", dir.display()).into());
+        let saved = self.qmp("migrate", Some(args), Duration::from_secs(600));
+        // The VM stays stopped after a migration; a failed one resumes by
+        // itself.
+        if saved.is_ok() {
+            self.qmp("cont", None, Duration::from_secs(60))?;
+        }
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        logger().log(
+            Some(&self.0.name),
+            &format!("snapshot {name:?} taken in {secs:.2} seconds"),
+        );
+        Ok(secs)
+    }
+
+    /// `machine.restore(name)`: ends the running VMM (as a crash would)
+    /// and starts one restored from snapshot `name`: memory, devices and
+    /// overlay disks as they were at the save; the guest's clock is then
+    /// set to the host's. Returns once the restored guest's shell answers.
+    pub fn restore_snapshot(&self, name: &str) -> Result<f64, MachineError> {
+        let dir = self.named_snapshot(name)?;
+        if !dir.join("state").is_file() {
+            return Err(self.fail(format!(
+                "there is no snapshot named {name:?}: machine.snapshot({name:?}) takes one"
+            )));
+        }
+        let started = Instant::now();
+        if self.running() {
+            self.release();
+        }
+        let allow_reboot = lock(&self.0.proc).allow_reboot;
+        lock(&self.0.snapshots).next = Some(dir);
+        let restarted = self.start(allow_reboot);
+        // A failed start must not leave the named snapshot for a later one.
+        lock(&self.0.snapshots).next = None;
+        restarted?;
+        self.connect(None)?;
+        Ok(started.elapsed().as_secs_f64())
     }
 
     /// The snapshot this run of the VMM was restored from, once: only

@@ -272,14 +272,26 @@ fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// Why `node` cannot be snapshotted at all, if it cannot: a disk written
+/// in place would not go back to the instant of the snapshot on restore.
+pub fn cannot_snapshot(node: &ResolvedNode) -> Option<String> {
+    node.vm
+        .disks
+        .iter()
+        .find(|d| !d.readonly && !d.overlay)
+        .map(|d| {
+            format!(
+                "disk {} is writable without overlay=on: its image changes after a snapshot",
+                d.path.display()
+            )
+        })
+}
+
 /// The cache key of `node` started by `vmm`, or why it cannot be cached.
 pub fn key(node: &ResolvedNode, vmm: &Path) -> Result<String, String> {
     let vm = &node.vm;
-    if let Some(d) = vm.disks.iter().find(|d| !d.readonly && !d.overlay) {
-        return Err(format!(
-            "disk {} is writable without overlay=on: its image changes after a snapshot",
-            d.path.display()
-        ));
+    if let Some(why) = cannot_snapshot(node) {
+        return Err(why);
     }
     if node.extra_args.iter().any(|a| a.starts_with("--incoming")) {
         return Err("its extra_args restore a snapshot of their own".into());

@@ -234,6 +234,19 @@ impl MachineCore {
         self.machine.signal(libc::SIGKILL)
     }
 
+    /// Saves the running machine as snapshot `name`; returns the seconds
+    /// it took.
+    fn save_snapshot(&self, py: Python<'_>, name: &str) -> PyResult<f64> {
+        py.detach(|| self.machine.save_snapshot(name)).map_err(err)
+    }
+
+    /// Replaces the machine's VMM with one restored from snapshot `name`;
+    /// returns the seconds until its shell answered.
+    fn restore_snapshot(&self, py: Python<'_>, name: &str) -> PyResult<f64> {
+        py.detach(|| self.machine.restore_snapshot(name))
+            .map_err(err)
+    }
+
     fn release(&self, py: Python<'_>) {
         py.detach(|| self.machine.release())
     }

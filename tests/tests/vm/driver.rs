@@ -24,7 +24,7 @@ fn suite_failures_and_a_silent_guest() {
                 .then(|| format!("tests/nixos/suite/{name}"))
         })
         .collect();
-    assert_eq!(suite.len(), 8, "{suite:?}");
+    assert_eq!(suite.len(), 9, "{suite:?}");
     let specs = vec![
         skiff_run(
             "suite",
@@ -51,12 +51,12 @@ fn suite_failures_and_a_silent_guest() {
     let suite = &o[0];
     assert_eq!(exit_of(suite), 0, "{}", suite.serial);
     assert!(
-        suite.serial.contains("8 test(s), 4 at a time"),
+        suite.serial.contains("9 test(s), 4 at a time"),
         "{}",
         suite.serial
     );
     assert!(
-        suite.serial.contains("8 passed, 0 failed") && suite.serial.contains("with --jobs 4"),
+        suite.serial.contains("9 passed, 0 failed") && suite.serial.contains("with --jobs 4"),
         "{}",
         suite.serial
     );
@@ -69,6 +69,7 @@ fn suite_failures_and_a_silent_guest() {
         "two-nodes",
         "reboot",
         "crash",
+        "snapshots",
     ] {
         assert!(
             suite

@@ -266,6 +266,27 @@ class Machine:
             self._core.kill()
         self.wait_for_shutdown()
 
+    def snapshot(self, name: str) -> None:
+        """Beyond upstream: saves the running machine as snapshot `name`
+        (skiff-vmm's QMP `migrate` to a file in the machine's state
+        directory; an earlier snapshot of that name is replaced) and lets
+        it run on. `restore(name)` brings the machine back to this instant,
+        e.g. to start each subtest from the same state. The machine's disks
+        must be overlays or read-only."""
+        with self.nested(f"saving snapshot {name!r}"):
+            self._core.save_snapshot(name)
+
+    def restore(self, name: str) -> None:
+        """Beyond upstream: ends the running skiff-vmm (as `crash()` would)
+        and starts one restored from snapshot `name`: memory, devices and
+        overlay disks as they were when `snapshot(name)` saved them, with a
+        new VM generation id (the guest reseeds its RNG) and the guest's
+        clock set to the host's. Returns once the guest's shell answers.
+        Network cards reconnect to their switches; peers see the link as it
+        was at the save."""
+        with self.nested(f"restoring snapshot {name!r}"):
+            self._core.restore_snapshot(name)
+
     def reboot(self) -> None:
         """Reboots the guest (it must have been started with
         allow_reboot=True, else skiff-vmm exits as QEMU does with

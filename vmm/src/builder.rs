@@ -197,7 +197,8 @@ fn open_snapshot(
     }
     let total = expected.iter().map(|r| r.1).sum();
     let file = snapshot::open_memory(dir, total)?;
-    let mem = memory::create_guest_memory_from_file(config.memory_mib, &file)?;
+    let mem =
+        memory::create_guest_memory_from_file(config.memory_mib, &file, config.incoming_memory)?;
     Ok((mem, snapshot))
 }
 

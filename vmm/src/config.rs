@@ -416,6 +416,13 @@ pub struct VmConfig {
     #[arg(long, value_name = "file:DIR", value_parser = parse_incoming)]
     pub incoming: Option<PathBuf>,
 
+    /// How a restore backs guest memory: map (the memory file mapped
+    /// MAP_PRIVATE: no copy, clean pages shared by every VM restored from
+    /// it, faulted in 4 KiB at a time) or copy (read into the VM's own
+    /// memory at restore, which then runs on huge pages as a booted VM).
+    #[arg(long, value_name = "map|copy", default_value = "map")]
+    pub incoming_memory: crate::memory::RestoreMemory,
+
     /// Start with the vCPUs paused (QEMU's -S), until QMP/HMP `cont`.
     #[arg(short = 'S', long)]
     pub paused: bool,
@@ -452,6 +459,7 @@ impl VmConfig {
             monitor: Vec::new(),
             name: "vm".into(),
             incoming: None,
+            incoming_memory: crate::memory::RestoreMemory::Map,
             paused: false,
         }
     }
@@ -466,6 +474,9 @@ impl VmConfig {
                     "--net: two network cards have the id '{id}' (ids default to net0, net1, ...)"
                 ));
             }
+        }
+        if self.incoming.is_none() && self.incoming_memory != crate::memory::RestoreMemory::Map {
+            return Err("--incoming-memory applies to a restore: give --incoming file:DIR".into());
         }
         Ok(())
     }
@@ -509,6 +520,9 @@ impl VmConfig {
         a.push(format!("--name={}", self.name));
         if let Some(dir) = &self.incoming {
             a.push(format!("--incoming=file:{}", path(dir)));
+        }
+        if self.incoming_memory != crate::memory::RestoreMemory::Map {
+            a.push(format!("--incoming-memory={}", self.incoming_memory));
         }
         if self.paused {
             a.push("--paused".into());
@@ -756,6 +770,9 @@ mod tests {
             .collect();
         c.name = r.text(1);
         c.incoming = r.flip().then(|| r.path());
+        if c.incoming.is_some() && r.flip() {
+            c.incoming_memory = crate::memory::RestoreMemory::Copy;
+        }
         c.paused = r.flip();
         c
     }

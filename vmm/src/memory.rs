@@ -76,6 +76,44 @@ pub enum MemoryError {
     /// The mappings could not be made into guest memory.
     #[error("cannot set up guest memory: {0}")]
     Regions(#[from] FromRangesError),
+    /// The snapshot's memory file could not be read into guest memory.
+    #[error("cannot read the snapshot memory file into guest memory: {0}")]
+    Load(String),
+}
+
+/// How a restore backs guest memory with the snapshot's memory file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// `MAP_PRIVATE` of the file: nothing is copied at restore, every VM
+    /// restored from one snapshot shares its clean pages (page cache), and
+    /// each page is faulted in, 4 KiB at a time, when the guest touches it
+    /// (a written one is copied then).
+    #[default]
+    Map,
+    /// The file's data read into the VM's own anonymous memory at restore
+    /// (holes skipped), which then runs on 2 MiB pages like a booted VM's:
+    /// a copy up front, no sharing, no fault per 4 KiB page later.
+    Copy,
+}
+
+impl std::str::FromStr for RestoreMemory {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "map" => Ok(RestoreMemory::Map),
+            "copy" => Ok(RestoreMemory::Copy),
+            _ => Err(format!("'{s}': expected map or copy")),
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RestoreMemory::Map => "map",
+            RestoreMemory::Copy => "copy",
+        })
+    }
 }
 
 /// Where guest RAM mappings start in the host's address space: a multiple
@@ -222,13 +260,81 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
 }
 
 /// Guest memory of `size_mib` MiB whose contents come from `file` (a
-/// snapshot's memory file: the regions one after another), mapped
-/// `MAP_PRIVATE`: nothing is copied, pages are read from the file (and its
-/// page cache, shared by every VM mapping it) when first touched, and the
-/// guest's writes go to private copies, never to the file. The caller
+/// snapshot's memory file: the regions one after another). With
+/// [`RestoreMemory::Map`] it is mapped `MAP_PRIVATE`: nothing is copied,
+/// pages are read from the file (and its page cache, shared by every VM
+/// mapping it) when first touched, and the guest's writes go to private
+/// copies. With [`RestoreMemory::Copy`] the file's data extents are read
+/// into fresh anonymous memory. The file is never written. The caller
 /// checks that the file is as long as the memory.
-pub fn create_guest_memory_from_file(size_mib: u64, file: &File) -> Result<GuestRam, MemoryError> {
-    build_guest_memory(size_mib, Some(file))
+pub fn create_guest_memory_from_file(
+    size_mib: u64,
+    file: &File,
+    how: RestoreMemory,
+) -> Result<GuestRam, MemoryError> {
+    match how {
+        RestoreMemory::Map => build_guest_memory(size_mib, Some(file)),
+        RestoreMemory::Copy => {
+            let mem = build_guest_memory(size_mib, None)?;
+            load_memory_file(&mem, file)?;
+            Ok(mem)
+        }
+    }
+}
+
+/// Reads the data extents of `file` (holes are zero pages, which fresh
+/// anonymous memory already is) into `mem`, region after region.
+fn load_memory_file(mem: &GuestMemoryMmap, file: &File) -> Result<(), MemoryError> {
+    use std::io::{Seek, SeekFrom};
+    use vm_memory::{Address, Bytes};
+    let load = |e: std::io::Error| MemoryError::Load(e.to_string());
+    let mut f = file.try_clone().map_err(load)?;
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let (start, len) = (region.start_addr(), region.len());
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let Some(data) = seek_data(file, pos, libc::SEEK_DATA).map_err(load)? else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek_data(file, data, libc::SEEK_HOLE)
+                .map_err(load)?
+                .unwrap_or(end)
+                .min(end);
+            f.seek(SeekFrom::Start(data)).map_err(load)?;
+            mem.read_exact_volatile_from(
+                start.unchecked_add(data - offset),
+                &mut f,
+                (hole - data) as usize,
+            )
+            .map_err(|e| MemoryError::Load(e.to_string()))?;
+            pos = hole;
+        }
+        offset = end;
+    }
+    Ok(())
+}
+
+/// `lseek(fd, pos, whence)` for SEEK_DATA/SEEK_HOLE; None when there is
+/// no more data (ENXIO).
+fn seek_data(file: &File, pos: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    let pos = libc::off_t::try_from(pos)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: lseek on a file descriptor `file` keeps open; it only moves
+    // the descriptor's offset, which the caller sets again before reading.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
 }
 
 fn build_guest_memory(size_mib: u64, file: Option<&File>) -> Result<GuestRam, MemoryError> {

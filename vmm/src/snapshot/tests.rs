@@ -58,7 +58,9 @@ fn memory_is_written_sparsely_and_read_back_through_a_private_mapping() {
     assert_eq!(written, 2 * PAGE as u64);
     let f = open_memory(dir.as_path(), 64 << 20).unwrap();
     assert!(f.metadata().unwrap().len() == 64 << 20);
-    let restored = crate::memory::create_guest_memory_from_file(64, &f).unwrap();
+    let restored =
+        crate::memory::create_guest_memory_from_file(64, &f, crate::memory::RestoreMemory::Map)
+            .unwrap();
     assert_eq!(
         restored.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
         0xfeed
@@ -72,7 +74,9 @@ fn memory_is_written_sparsely_and_read_back_through_a_private_mapping() {
     // The guest's writes stay private: the file is unchanged, and a
     // second VM mapping it sees the saved contents.
     restored.write_obj(1u64, GuestAddress(0x1000)).unwrap();
-    let other = crate::memory::create_guest_memory_from_file(64, &f).unwrap();
+    let other =
+        crate::memory::create_guest_memory_from_file(64, &f, crate::memory::RestoreMemory::Map)
+            .unwrap();
     assert_eq!(other.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
     // A memory file of the wrong size is refused.
     let err = open_memory(dir.as_path(), 128 << 20)
@@ -84,6 +88,39 @@ fn memory_is_written_sparsely_and_read_back_through_a_private_mapping() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("cannot open the snapshot memory"), "{err}");
+}
+
+#[test]
+fn a_copy_restore_reads_every_data_extent_into_memory_of_its_own() {
+    use crate::memory::RestoreMemory;
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    // 3.5 GiB: two regions around the MMIO gap, so the file offsets of
+    // the second region are checked too.
+    let mib = 3 * 1024 + 512;
+    let mem = crate::memory::create_guest_memory(mib).unwrap();
+    let high = GuestAddress((1u64 << 32) + 0x20_0000);
+    let marks = [
+        (GuestAddress(0), 1u64),
+        (GuestAddress(0x1234_5000), 2),
+        (GuestAddress(crate::memory::MMIO_GAP_START - 8), 3),
+        (high, 4),
+        (GuestAddress((1u64 << 32) + (512 << 20) - 8), 5),
+    ];
+    for (addr, v) in marks {
+        mem.write_obj(v, addr).unwrap();
+    }
+    write_memory(dir.as_path(), &mem).unwrap();
+    drop(mem);
+    let f = open_memory(dir.as_path(), mib << 20).unwrap();
+    let copy = crate::memory::create_guest_memory_from_file(mib, &f, RestoreMemory::Copy).unwrap();
+    for (addr, v) in marks {
+        assert_eq!(copy.read_obj::<u64>(addr).unwrap(), v, "{addr:?}");
+    }
+    // Holes read as zeros, and writes stay in the copy.
+    assert_eq!(copy.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
+    copy.write_obj(9u64, high).unwrap();
+    let map = crate::memory::create_guest_memory_from_file(mib, &f, RestoreMemory::Map).unwrap();
+    assert_eq!(map.read_obj::<u64>(high).unwrap(), 4);
 }
 
 #[test]

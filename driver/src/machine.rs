@@ -1011,21 +1011,28 @@ impl Machine {
         logger().log(Some(&name), "connected to guest root shell");
         match restored {
             Some(dir) => {
-                // The guest's clock stood still since the snapshot.
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let set = self.execute(
-                    &format!("date -u -s @{now} >/dev/null"),
-                    true,
-                    true,
-                    Some(60),
-                    false,
-                );
-                // Its output and status are read: a command left unread
-                // would put the next one's replies out of step.
-                if let Err(e) = set {
-                    logger().log(Some(&name), &format!("cannot set the guest's clock: {e}"));
+                // The guest's clock stood still since the snapshot. It is
+                // set twice: the first command pages `date` and the shell
+                // back in (seconds under emulation, all of it error in
+                // the time set), the second is then quick, and sets the
+                // host's time rounded to the second.
+                for _ in 0..2 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| (d.as_millis() + 500) / 1000);
+                    let set = self.execute(
+                        &format!("date -u -s @{now} >/dev/null"),
+                        true,
+                        true,
+                        Some(60),
+                        false,
+                    );
+                    // Its output and status are read: a command left
+                    // unread would put the next one's replies out of step.
+                    if let Err(e) = set {
+                        logger().log(Some(&name), &format!("cannot set the guest's clock: {e}"));
+                        break;
+                    }
                 }
                 logger().log(
                     Some(&name),

@@ -5,13 +5,15 @@
 //! otherwise. One binary lets the test harness run as many batches at once
 //! as the machine has cores (a test host is one emulated CPU, so one core),
 //! where separate binaries would run one after another. The harness starts
-//! tests in name order: the longest (backdoor_stress) sorts first, and the
+//! tests in name order: the longest (backdoor_stress) sorts first, the
+//! snapshot cache's (cache) third, after the short boot tests, and the
 //! other long batches are split into tests of a few minutes each, so that
 //! they share the cores evenly. `cargo test --test vm -- --test-threads=1`
 //! runs them one at a time.
 
 mod backdoor_stress;
 mod boot;
+mod cache;
 mod driver;
 mod exits;
 mod net;

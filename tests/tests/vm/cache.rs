@@ -7,8 +7,8 @@ use skiff_tests::{
     assert_clean, exit_of, fixtures, run_batch, scratch_dir, skiff_run_env, workspace_root, VmSpec,
 };
 
-/// The descriptions of the API test suite (tests/nixos/suite/).
-fn suite() -> Vec<String> {
+/// The descriptions of the API test suite (tests/nixos/suite/), sorted.
+pub(crate) fn suite() -> Vec<String> {
     let mut suite: Vec<String> = std::fs::read_dir(workspace_root().join("tests/nixos/suite"))
         .expect("tests/nixos/suite")
         .filter_map(|e| {

@@ -3,9 +3,7 @@
 
 use std::path::Path;
 
-use skiff_tests::{
-    assert_clean, cache_dir, exit_of, fixtures, run_batch, scratch_dir, skiff_run, workspace_root,
-};
+use skiff_tests::{assert_clean, cache_dir, exit_of, fixtures, run_batch, scratch_dir, skiff_run};
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
@@ -15,15 +13,7 @@ fn read(p: &Path) -> String {
 fn suite_failures_and_a_silent_guest() {
     fixtures();
     let dir = scratch_dir("driver-busybox");
-    let suite: Vec<String> = std::fs::read_dir(workspace_root().join("tests/nixos/suite"))
-        .expect("tests/nixos/suite")
-        .filter_map(|e| {
-            let p = e.ok()?.path();
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            matches!(p.extension()?.to_str()?, "json" | "toml")
-                .then(|| format!("tests/nixos/suite/{name}"))
-        })
-        .collect();
+    let suite = crate::cache::suite();
     assert_eq!(suite.len(), 9, "{suite:?}");
     let specs = vec![
         skiff_run(

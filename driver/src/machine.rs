@@ -332,7 +332,7 @@ impl Machine {
     /// when there is one, and take one on a cold boot otherwise (when the
     /// node can be cached at all: see [`snapshots::key`]).
     pub fn use_snapshots(&self, cache: Cache) {
-        let key = match snapshots::key(&self.0.node, &self.0.vmm, &cache) {
+        let key = match snapshots::key(&self.0.node, &self.0.vmm) {
             Ok(key) => Some(key),
             Err(why) => {
                 logger().log(Some(&self.0.name), &format!("no snapshot: {why}"));

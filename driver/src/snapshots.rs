@@ -240,53 +240,10 @@ fn file_id(path: &Path) -> Result<String, String> {
     ))
 }
 
-/// Where the digests of skiff-vmm binaries are remembered, in the cache.
-const DIGEST_MEMO: &str = ".vmm-digests";
-
-/// The SHA-256 of the skiff-vmm binary, once per process; remembered in
-/// `memo_dir` under the binary's device, inode, size and change times, so
-/// that a driver run does not read the whole binary again (a second or
-/// more under emulation) while the binary stays the same file.
-fn vmm_digest(vmm: &Path, memo_dir: &Path) -> Result<String, String> {
+/// The SHA-256 of the skiff-vmm binary, once per process.
+fn vmm_digest(vmm: &Path) -> Result<String, String> {
     static DIGEST: OnceLock<Result<String, String>> = OnceLock::new();
-    DIGEST
-        .get_or_init(|| {
-            let m = fs::metadata(vmm).map_err(|e| format!("{}: {e}", vmm.display()))?;
-            let id = format!(
-                "{} {} {} {} {}.{} {}.{}",
-                vmm.display(),
-                m.dev(),
-                m.ino(),
-                m.len(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec()
-            );
-            let memo = memo_dir.join(DIGEST_MEMO);
-            let known = fs::read_to_string(&memo).unwrap_or_default();
-            if let Some(d) = known.lines().find_map(|l| {
-                let (digest, rest) = l.split_once(' ')?;
-                (rest == id && digest.len() == 64).then(|| digest.to_owned())
-            }) {
-                return Ok(d);
-            }
-            let digest = file_sha256(vmm)?;
-            // Keep the last few binaries; a lost update only costs a
-            // digest next time.
-            let mut lines: Vec<&str> = known.lines().rev().take(7).collect();
-            lines.reverse();
-            let line = format!("{digest} {id}");
-            lines.push(&line);
-            let tmp = memo_dir.join(format!("{DIGEST_MEMO}.{}", std::process::id()));
-            if fs::create_dir_all(memo_dir).is_ok()
-                && fs::write(&tmp, lines.join("\n") + "\n").is_ok()
-            {
-                let _ = fs::rename(&tmp, &memo);
-            }
-            Ok(digest)
-        })
-        .clone()
+    DIGEST.get_or_init(|| file_sha256(vmm)).clone()
 }
 
 fn file_sha256(vmm: &Path) -> Result<String, String> {
@@ -335,7 +292,7 @@ pub fn cannot_snapshot(node: &ResolvedNode) -> Option<String> {
 }
 
 /// The cache key of `node` started by `vmm`, or why it cannot be cached.
-pub fn key(node: &ResolvedNode, vmm: &Path, cache: &Cache) -> Result<String, String> {
+pub fn key(node: &ResolvedNode, vmm: &Path) -> Result<String, String> {
     let vm = &node.vm;
     if let Some(why) = cannot_snapshot(node) {
         return Err(why);
@@ -351,7 +308,7 @@ pub fn key(node: &ResolvedNode, vmm: &Path, cache: &Cache) -> Result<String, Str
         ),
         // Where in the guest's life the snapshot is taken.
         format!("taken {SNAPSHOT_POINT}"),
-        format!("skiff-vmm {}", vmm_digest(vmm, cache.dir())?),
+        format!("skiff-vmm {}", vmm_digest(vmm)?),
         format!(
             "host {} {:#x} {}",
             cpu.vendor,

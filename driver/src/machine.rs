@@ -394,24 +394,26 @@ impl Machine {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| self.fail(format!("cannot create {}: {e}", dir.display())))?;
-        let mut args = qmp::Object::new();
-        args.insert("uri".into(), format!("file:{}", dir.display()).into());
-        let saved = self.qmp("migrate", Some(args), Duration::from_secs(600));
-        // The VM stays stopped after a migration; a failed one resumes by
-        // itself.
-        if saved.is_ok() {
-            self.qmp("cont", None, Duration::from_secs(60))?;
-        }
-        if let Err(e) = saved {
+        if let Err(e) = self.migrate_to(&dir) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        self.qmp("cont", None, Duration::from_secs(60))?;
         let secs = started.elapsed().as_secs_f64();
         logger().log(
             Some(&self.0.name),
             &format!("snapshot {name:?} taken in {secs:.2} seconds"),
         );
         Ok(secs)
+    }
+
+    /// Saves the VM into `dir` with QMP `migrate file:DIR`; the VM is left
+    /// stopped (a failed migration resumes it by itself).
+    fn migrate_to(&self, dir: &Path) -> Result<(), MachineError> {
+        let mut args = qmp::Object::new();
+        args.insert("uri".into(), format!("file:{}", dir.display()).into());
+        self.qmp("migrate", Some(args), Duration::from_secs(600))
+            .map(drop)
     }
 
     /// `machine.restore(name)`: ends the running VMM (as a crash would)
@@ -477,9 +479,7 @@ impl Machine {
                 return;
             }
         };
-        let mut args = qmp::Object::new();
-        args.insert("uri".into(), format!("file:{}", staging.display()).into());
-        let saved = self.qmp("migrate", Some(args), Duration::from_secs(600));
+        let saved = self.migrate_to(&staging);
         // The VM stays stopped after a migration; a failed one resumes by
         // itself.
         if saved.is_ok() {

@@ -352,8 +352,6 @@ mod tests {
         let mem = mem();
         let mut q = TestQueue::new(&mem, 0, 256);
         s.activate(&mem, &[&q], false);
-        // Under half the ring: the mock queue's used ring follows its
-        // available ring closely enough that more entries would overlap.
         let n = CHAINS_PER_EVENT as u16 + 5;
         for i in 0..u64::from(n) {
             q.add_chain(&[(0x10_000 + i * 64, 16, W)]);

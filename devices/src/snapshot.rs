@@ -464,6 +464,8 @@ pub enum DeviceExtra {
     Net(NetSnapshot),
     /// virtio-rng: nothing beyond its queue.
     Rng,
+    /// virtio-input.
+    Input(InputSnapshot),
     /// A device with nothing of its own to save.
     None,
 }
@@ -476,6 +478,7 @@ impl DeviceExtra {
             DeviceExtra::Console(_) => "console",
             DeviceExtra::Net(_) => "network",
             DeviceExtra::Rng => "entropy",
+            DeviceExtra::Input(_) => "input",
             DeviceExtra::None => "stateless",
         }
     }
@@ -531,6 +534,22 @@ pub struct ConsoleSnapshot {
     /// Bytes of the chain at the head of the transmit queue already taken
     /// (a chain longer than `CHUNK` is taken in pieces); 0 when none.
     pub tx_chain_offset: u64,
+}
+
+/// A virtio-input device: what the driver selected in its configuration
+/// space, its LEDs, and the host's events it had not taken yet.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct InputSnapshot {
+    /// A keyboard (else a tablet).
+    pub keyboard: bool,
+    /// Host events waiting for buffers, as (type, code, value).
+    pub pending: Vec<(u16, u16, u32)>,
+    /// The configuration select the driver wrote.
+    pub select: u8,
+    /// The configuration subselect the driver wrote.
+    pub subsel: u8,
+    /// The LEDs the driver set.
+    pub leds: u32,
 }
 
 /// A virtio-net card's configuration as the guest sees it. Frames in the

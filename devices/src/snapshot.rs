@@ -206,6 +206,8 @@ pub fn virtio_type_name(device_type: u32) -> &'static str {
         2 => "block",
         3 => "console",
         4 => "entropy",
+        16 => "gpu",
+        18 => "input",
         _ => "unknown",
     }
 }
@@ -466,6 +468,8 @@ pub enum DeviceExtra {
     Rng,
     /// virtio-input.
     Input(InputSnapshot),
+    /// virtio-gpu.
+    Gpu(GpuSnapshot),
     /// A device with nothing of its own to save.
     None,
 }
@@ -479,6 +483,7 @@ impl DeviceExtra {
             DeviceExtra::Net(_) => "network",
             DeviceExtra::Rng => "entropy",
             DeviceExtra::Input(_) => "input",
+            DeviceExtra::Gpu(_) => "gpu",
             DeviceExtra::None => "stateless",
         }
     }
@@ -550,6 +555,41 @@ pub struct InputSnapshot {
     pub subsel: u8,
     /// The LEDs the driver set.
     pub leds: u32,
+}
+
+/// A virtio-gpu: its mode, its resources (each resource's pixels in a
+/// file of its own), what the scanout shows and the cursor's place.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GpuSnapshot {
+    /// The display mode's width (must match).
+    pub width: u32,
+    /// The display mode's height (must match).
+    pub height: u32,
+    /// The 2D resources.
+    pub resources: Vec<GpuResourceSnapshot>,
+    /// The scanout's resource and rectangle (x, y, width, height).
+    pub scanout: Option<(u32, [u32; 4])>,
+    /// The cursor's position.
+    pub cursor: (u32, u32),
+    /// Display events not yet cleared by the driver.
+    pub events_read: u32,
+}
+
+/// One 2D resource of a [`GpuSnapshot`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GpuResourceSnapshot {
+    /// The guest's id for it.
+    pub id: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// virtio-gpu pixel format.
+    pub format: u32,
+    /// Guest ranges behind it (address, length).
+    pub backing: Vec<(u64, u32)>,
+    /// The file in the snapshot directory holding its host copy.
+    pub file: String,
 }
 
 /// A virtio-net card's configuration as the guest sees it. Frames in the

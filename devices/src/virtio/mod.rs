@@ -20,6 +20,7 @@
 
 pub mod block;
 pub mod console;
+pub mod gpu;
 pub mod input;
 pub mod mmio;
 pub mod net;
@@ -250,7 +251,7 @@ pub enum ActivateError {
 
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
-    /// virtio device id (`virtio_ids`: 2 block, 3 console, 4 rng, 18 input ...).
+    /// virtio device id (`virtio_ids`: 2 block, 3 console, 4 rng, 16 gpu, 18 input ...).
     fn device_type(&self) -> u32;
     /// Largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];

@@ -10,11 +10,15 @@ use std::sync::Mutex;
 use libfuzzer_sys::fuzz_target;
 use skiff_vmm::control::qmp::Session;
 use skiff_vmm::control::stream::JsonStream;
+use skiff_vmm::control::display::Display;
 use skiff_vmm::control::{hmp, Controls, MachineInfo, Migration, RunState};
 
 struct Idle {
     state: Mutex<RunState>,
     info: MachineInfo,
+    /// No screen and no input devices: key and event arguments are
+    /// parsed and checked, then refused, and no file is written.
+    display: Display,
 }
 
 impl Controls for Idle {
@@ -69,6 +73,9 @@ impl Controls for Idle {
     fn migration(&self) -> Migration {
         Migration::None
     }
+    fn display(&self) -> &Display {
+        &self.display
+    }
 }
 
 fn check_reply(line: &str) {
@@ -86,6 +93,7 @@ fuzz_target!(|data: &[u8]| {
             cpus: 2,
             ..MachineInfo::default()
         },
+        display: Display::default(),
     };
     // The first byte picks the read size, so messages split anywhere.
     let (chunk, input) = match data.split_first() {

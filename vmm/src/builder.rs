@@ -38,6 +38,8 @@ use log::debug;
 use skiff_devices::legacy::{SerialOutput, VmGenId, GED_EVENT_VMGENID};
 use skiff_devices::virtio::block::Block;
 use skiff_devices::virtio::console::{Console, ConsoleBackend};
+use skiff_devices::virtio::gpu::Gpu;
+use skiff_devices::virtio::input::Input;
 use skiff_devices::virtio::net::{Net, NetConfig};
 use skiff_devices::virtio::rng::Rng;
 use skiff_devices::{GuestPowerEvent, PowerEventSink};
@@ -48,6 +50,7 @@ use crate::boot::{self, acpi, BootError, LoadedInitrd, LoadedKernel};
 use crate::bus::Bus;
 use crate::config::MAX_CPUS;
 use crate::config::{net_id, MonitorConfig, SerialConfig, VmConfig};
+use crate::control::display::Display;
 use crate::control::server::{self, Protocol, Socket};
 use crate::control::{link_names, ChardevInfo, DiskInfo, MachineInfo, NetLink};
 use crate::cpu;
@@ -154,6 +157,7 @@ impl Vm {
             monitors,
             info,
             links: opened.links,
+            display: Some(opened.display),
             ged: legacy.ged,
             vcpu_mmap_size,
             vm: Arc::new(vm),
@@ -301,15 +305,18 @@ where
 }
 
 /// What step 1 opened: the virtio devices in guest order, what the
-/// monitors report of the disks, and the network cards they switch.
+/// monitors report of the disks, the network cards they switch, and the
+/// screen and input devices they drive.
 struct OpenedDevices {
     virtio: Vec<VirtioHandle>,
     disks: Vec<DiskInfo>,
     links: Vec<NetLink>,
+    display: Display,
 }
 
 /// Step 1: opens every virtio device's backend, in guest order: disks
-/// (vda, vdb, ...), then the network cards, the console, the rng.
+/// (vda, vdb, ...), then the network cards, the console, the rng, the
+/// GPU, the input devices.
 fn create_virtio_devices(config: &VmConfig) -> Result<OpenedDevices, VmError> {
     let irq = || EventFd::new(EFD_NONBLOCK).map_err(setup_err("a device interrupt"));
     let mut out = Vec::new();
@@ -359,10 +366,29 @@ fn create_virtio_devices(config: &VmConfig) -> Result<OpenedDevices, VmError> {
         let dev = Rng::new(irq()?).map_err(device_err("rng"))?;
         out.push(VirtioHandle::new("rng", dev));
     }
+    let mut display = Display::default();
+    if let Some(mode) = config.gpu {
+        let gpu = Arc::new(Mutex::new(
+            Gpu::new(mode, irq()?).map_err(device_err("gpu"))?,
+        ));
+        let screen = gpu.clone();
+        display = display.with_screen(
+            Box::new(move || lock(&screen).screenshot()),
+            (mode.width, mode.height),
+        );
+        out.push(VirtioHandle::shared("gpu", gpu));
+    }
+    for &kind in &config.inputs {
+        let name = crate::config::input_arg(kind);
+        let dev = Input::new(kind, irq()?).map_err(device_err(name))?;
+        display = display.with_input(dev.sender());
+        out.push(VirtioHandle::new(name, dev));
+    }
     Ok(OpenedDevices {
         virtio: out,
         disks,
         links,
+        display,
     })
 }
 

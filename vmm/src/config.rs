@@ -20,6 +20,8 @@ use std::path::PathBuf;
 
 pub use skiff_devices::virtio::block::BlockConfig;
 pub use skiff_devices::virtio::console::ConsoleBackend;
+pub use skiff_devices::virtio::gpu::GpuConfig;
+pub use skiff_devices::virtio::input::InputKind;
 pub use skiff_devices::virtio::net::{MacAddr, NetBackend, NetConfig};
 
 use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
@@ -294,6 +296,52 @@ pub fn net_id(nets: &[NetConfig], index: usize) -> String {
         .unwrap_or_else(|| format!("net{index}"))
 }
 
+const GPU_USAGE: &str = "width=W,height=H (or nothing, for 1024x768)";
+
+/// Parses `--gpu`: the display mode, or nothing for the default.
+pub fn parse_gpu(s: &str) -> Result<GpuConfig, String> {
+    let mut gpu = GpuConfig::default();
+    if !s.is_empty() {
+        let o = Options::parse("gpu", GPU_USAGE, s, &["width", "height"], &[])?;
+        let num = |key: &str, default: u32| -> Result<u32, String> {
+            match o.value(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| format!("--gpu {key}: '{v}' is not a number of pixels")),
+            }
+        };
+        gpu.width = num("width", gpu.width)?;
+        gpu.height = num("height", gpu.height)?;
+    }
+    gpu.check().map_err(|e| format!("--gpu: {e}"))?;
+    Ok(gpu)
+}
+
+/// `--gpu`'s value for `gpu`.
+pub fn gpu_arg(gpu: &GpuConfig) -> String {
+    format!("width={},height={}", gpu.width, gpu.height)
+}
+
+/// Parses `--input`.
+pub fn parse_input(s: &str) -> Result<InputKind, String> {
+    match s {
+        "keyboard" => Ok(InputKind::Keyboard),
+        "tablet" => Ok(InputKind::Tablet),
+        other => Err(format!(
+            "'{other}' is not a valid --input (expected keyboard or tablet)"
+        )),
+    }
+}
+
+/// `--input`'s value for `kind`.
+pub fn input_arg(kind: InputKind) -> &'static str {
+    match kind {
+        InputKind::Keyboard => "keyboard",
+        InputKind::Tablet => "tablet",
+    }
+}
+
 /// Where an HMP (human monitor) socket is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorConfig {
@@ -384,6 +432,18 @@ pub struct VmConfig {
     #[arg(long)]
     pub rng: bool,
 
+    /// Add a virtio-gpu display (2D, one screen; QMP/HMP screendump):
+    /// width=W,height=H is the mode the guest gets, 1024x768 when
+    /// `--gpu` is given alone.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "",
+          value_parser = parse_gpu)]
+    pub gpu: Option<GpuConfig>,
+
+    /// Add a virtio input device: keyboard (QMP send-key, HMP sendkey) or
+    /// tablet (an absolute pointer, QMP input-send-event). Once per kind.
+    #[arg(long = "input", value_name = "keyboard|tablet", value_parser = parse_input)]
+    pub inputs: Vec<InputKind>,
+
     /// Describe virtio devices on the kernel command line
     /// (virtio_mmio.device=) instead of in the ACPI DSDT.
     #[arg(long = "virtio-mmio-cmdline")]
@@ -453,6 +513,8 @@ impl VmConfig {
             nets: Vec::new(),
             console: None,
             rng: false,
+            gpu: None,
+            inputs: Vec::new(),
             virtio_cmdline: false,
             kvm_device: "/dev/kvm".into(),
             qmp: Vec::new(),
@@ -473,6 +535,11 @@ impl VmConfig {
                 return Err(format!(
                     "--net: two network cards have the id '{id}' (ids default to net0, net1, ...)"
                 ));
+            }
+        }
+        for (i, kind) in self.inputs.iter().enumerate() {
+            if self.inputs[..i].contains(kind) {
+                return Err(format!("--input: {} is given twice", input_arg(*kind)));
             }
         }
         if self.incoming.is_none() && self.incoming_memory != crate::memory::RestoreMemory::Map {
@@ -506,6 +573,12 @@ impl VmConfig {
         }
         if self.rng {
             a.push("--rng".into());
+        }
+        if let Some(gpu) = &self.gpu {
+            a.push(format!("--gpu={}", gpu_arg(gpu)));
+        }
+        for kind in &self.inputs {
+            a.push(format!("--input={}", input_arg(*kind)));
         }
         if self.virtio_cmdline {
             a.push("--virtio-mmio-cmdline".into());
@@ -756,6 +829,16 @@ mod tests {
             _ => Some(ConsoleBackend::Socket(r.path())),
         };
         c.rng = r.flip();
+        c.gpu = r.flip().then(|| GpuConfig {
+            width: 320 + r.below(3776) as u32,
+            height: 200 + r.below(3896) as u32,
+        });
+        if r.flip() {
+            c.inputs.push(InputKind::Keyboard);
+        }
+        if r.flip() {
+            c.inputs.insert(0, InputKind::Tablet);
+        }
         c.virtio_cmdline = r.flip();
         c.kvm_device = r.path();
         c.qmp = (0..r.below(3)).map(|_| r.path()).collect();
@@ -775,6 +858,46 @@ mod tests {
         }
         c.paused = r.flip();
         c
+    }
+
+    #[test]
+    fn display_options_parse_and_refuse_bad_input_by_name() {
+        let c = parse_args(&[
+            "--kernel=/k".into(),
+            "--gpu".into(),
+            "--input=keyboard".into(),
+        ])
+        .unwrap();
+        assert_eq!(c.gpu, Some(GpuConfig::default()));
+        assert_eq!(c.inputs, [InputKind::Keyboard]);
+        assert_eq!(
+            parse_gpu("width=1280,height=800"),
+            Ok(GpuConfig {
+                width: 1280,
+                height: 800
+            })
+        );
+        assert_eq!(parse_gpu("height=600").unwrap().width, 1024);
+        for (bad, want) in [
+            (
+                "width=wide",
+                "--gpu width: 'wide' is not a number of pixels",
+            ),
+            (
+                "width=100",
+                "--gpu: display mode 100x768 is outside 320x200 .. 4095x4095",
+            ),
+            ("depth=24", "unknown --gpu option 'depth'"),
+        ] {
+            let e = parse_gpu(bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        assert!(parse_input("mouse")
+            .unwrap_err()
+            .contains("keyboard or tablet"));
+        let mut c = VmConfig::new("/k");
+        c.inputs = vec![InputKind::Tablet, InputKind::Tablet];
+        assert_eq!(c.check().unwrap_err(), "--input: tablet is given twice");
     }
 
     #[test]

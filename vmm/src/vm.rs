@@ -102,6 +102,8 @@ pub struct Vm {
     pub(crate) info: MachineInfo,
     /// The network cards, for the monitors' `set_link`.
     pub(crate) links: Vec<NetLink>,
+    /// The screen and input devices, for the monitors.
+    pub(crate) display: Option<crate::control::display::Display>,
     pub(crate) ged: Arc<Mutex<Ged<EventFdTrigger>>>,
     pub(crate) vcpu_mmap_size: usize,
     pub(crate) vm: Arc<VmFd>,
@@ -235,6 +237,7 @@ impl Vm {
             }),
         )
         .with_links(std::mem::take(&mut self.links))
+        .with_display(self.display.take().unwrap_or_default())
         .with_snapshotter(snapshotter);
         if self.config.paused {
             control = control.starting_paused();

@@ -1,12 +1,12 @@
 //! The subset of QEMU's human monitor (HMP) that test tools use, with
 //! QEMU's texts: `info status|version|name|kvm|migrate`, `stop`, `cont`,
 //! `system_powerdown`, `system_reset`, `quit`, `help`, `set_link`,
-//! `migrate file:DIR`;
-//! `screendump` and `sendkey` answer errors until skiff-vmm has a display
-//! and a keyboard. Output lines end in CRLF, as QEMU's do; the
+//! `migrate file:DIR`, `screendump` (PPM, or PNG with `-f png`) and
+//! `sendkey`. Output lines end in CRLF, as QEMU's do; the
 //! monitor socket adds the `(qemu) ` prompt.
 
-use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
+use super::display::{parse_key_combo, ImageFormat};
+use super::qemu::{package, QEMU_VERSION};
 use super::{Controls, Migration, RunState};
 
 /// The banner a monitor client gets before the first prompt.
@@ -173,20 +173,8 @@ pub fn execute(line: &str, machine: &dyn Controls) -> String {
             machine.quit();
             String::new()
         }),
-        "screendump" => {
-            if rest.is_empty() {
-                "screendump: filename expected\r\n".to_owned()
-            } else {
-                error(NO_CONSOLE)
-            }
-        }
-        "sendkey" => {
-            if rest.is_empty() {
-                "sendkey: string expected\r\n".to_owned()
-            } else {
-                error("this VM has no keyboard: skiff-vmm has no virtio-input device yet")
-            }
-        }
+        "screendump" => screendump(rest, machine),
+        "sendkey" => sendkey(rest, machine),
         "migrate" => {
             let (uri, _) = split_command(rest);
             if uri.is_empty() {
@@ -213,6 +201,60 @@ pub fn execute(line: &str, machine: &dyn Controls) -> String {
             }
         }
         other => format!("unknown command: '{other}'\r\n"),
+    }
+}
+
+/// `screendump filename [-f ppm|png] [device [head]]`.
+fn screendump(rest: &str, machine: &dyn Controls) -> String {
+    let words: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let (file, more) = match words.split_first() {
+        Some((file, more)) => (*file, more),
+        None => return "screendump: filename expected\r\n".to_owned(),
+    };
+    let (format, more) = match more {
+        ["-f", f, more @ ..] => match ImageFormat::parse(f) {
+            Some(format) => (format, more),
+            None => return error(&format!("Parameter 'format' does not accept value '{f}'")),
+        },
+        ["-f"] => return "screendump: format expected after -f\r\n".to_owned(),
+        more => (ImageFormat::Ppm, more),
+    };
+    if let [_, head, ..] = more {
+        if *head != "0" {
+            return error("skiff-vmm's display has one head, head 0");
+        }
+    }
+    match machine
+        .display()
+        .screendump(std::path::Path::new(file), format)
+    {
+        Ok(()) => String::new(),
+        Err(e) => error(&e),
+    }
+}
+
+/// `sendkey keys [hold_ms]`: keys joined by `-`, each a QEMU key name or
+/// a `0x` number.
+fn sendkey(rest: &str, machine: &dyn Controls) -> String {
+    let (spec, more) = split_command(rest);
+    if spec.is_empty() {
+        return "sendkey: string expected\r\n".to_owned();
+    }
+    let (hold, _) = split_command(more);
+    let hold = if hold.is_empty() {
+        None
+    } else {
+        match hold.parse::<u64>() {
+            Ok(ms) => Some(ms),
+            Err(_) => return format!("'{hold}' is not a number\r\n"),
+        }
+    };
+    match parse_key_combo(spec) {
+        Ok(keys) => match machine.display().send_keys(&keys, hold) {
+            Ok(()) => String::new(),
+            Err(e) => error(&e),
+        },
+        Err(bad) => format!("invalid parameter: {bad}\r\n"),
     }
 }
 
@@ -314,5 +356,35 @@ mod tests {
         assert!(help.contains("system_powerdown  -- ") || help.contains("system_powerdown -- "));
         assert_eq!(execute("help stop", m), "stop|s -- stop emulation\r\n");
         assert!(help.lines().all(|l| !l.is_empty()));
+    }
+
+    #[test]
+    fn screendump_and_sendkey_with_devices() {
+        let (f, keyboard, _) = super::super::testing::fake_with_display();
+        let m = &f.control;
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let p = dir.as_path().join("shot.png");
+        assert_eq!(
+            execute(&format!("screendump {} -f png", p.display()), m),
+            ""
+        );
+        assert_eq!(&std::fs::read(&p).unwrap()[1..4], b"PNG");
+        let p = dir.as_path().join("shot.ppm");
+        assert_eq!(execute(&format!("screendump {}", p.display()), m), "");
+        assert!(std::fs::read(&p).unwrap().starts_with(b"P6\n2 1\n"));
+        assert_eq!(
+            execute(&format!("screendump {} -f gif", p.display()), m),
+            "Error: Parameter 'format' does not accept value 'gif'\r\n"
+        );
+        assert_eq!(execute("sendkey ctrl-alt-delete 0", m), "");
+        assert_eq!(execute("sendkey shift-0x0C", m), "");
+        assert_eq!(execute("sendkey nokey", m), "invalid parameter: nokey\r\n");
+        assert_eq!(execute("sendkey ret soon", m), "'soon' is not a number\r\n");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // 3 + 2 keys, pressed and released, each event with its SYN.
+        while keyboard.pending() < 20 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! requests to the main thread. [`server`] runs the sockets on a small
 //! tokio runtime of its own.
 
+pub mod display;
 pub mod hmp;
 pub mod json;
 pub mod qemu;
@@ -293,6 +294,8 @@ pub trait Controls: Send + Sync {
     fn migrate(&self, uri: &str) -> Result<(), String>;
     /// The last migration, for `query-migrate`.
     fn migration(&self) -> Migration;
+    /// The screen, keyboard and pointer (what the VM has of them).
+    fn display(&self) -> &display::Display;
 }
 
 /// A migration's outcome, as `query-migrate` reports it.
@@ -337,6 +340,7 @@ pub struct RunControl {
     links: Vec<NetLink>,
     snapshotter: Option<Snapshotter>,
     migration: Mutex<Migration>,
+    display: display::Display,
 }
 
 impl RunControl {
@@ -359,7 +363,14 @@ impl RunControl {
             links: Vec::new(),
             snapshotter: None,
             migration: Mutex::new(Migration::None),
+            display: display::Display::default(),
         }
+    }
+
+    /// The screen and input devices the monitors drive.
+    pub fn with_display(mut self, display: display::Display) -> Self {
+        self.display = display;
+        self
     }
 
     /// What `migrate` calls to write a snapshot.
@@ -542,6 +553,10 @@ impl Controls for RunControl {
     fn migration(&self) -> Migration {
         crate::sync::lock(&self.migration).clone()
     }
+
+    fn display(&self) -> &display::Display {
+        &self.display
+    }
 }
 
 #[cfg(test)]
@@ -549,6 +564,8 @@ pub(crate) mod testing {
     //! A fake machine for protocol tests.
 
     use super::*;
+    use skiff_devices::virtio::gpu::Screenshot;
+    use skiff_devices::virtio::input::{Input, InputKind, InputSender};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts pauses and resumes.
@@ -600,6 +617,31 @@ pub(crate) mod testing {
     }
 
     pub fn fake() -> Fake {
+        fake_with(display::Display::default())
+    }
+
+    /// A fake with a 2x1 screen (red, blue), a keyboard and a tablet;
+    /// their senders show what the monitors sent.
+    pub fn fake_with_display() -> (Fake, InputSender, InputSender) {
+        let input = |kind| {
+            Input::new(kind, vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+                .unwrap()
+                .sender()
+        };
+        let (keyboard, tablet) = (input(InputKind::Keyboard), input(InputKind::Tablet));
+        let screen = Screenshot {
+            width: 2,
+            height: 1,
+            rgb: vec![255, 0, 0, 0, 0, 255],
+        };
+        let display = display::Display::default()
+            .with_screen(Box::new(move || Some(screen.clone())), (2, 1))
+            .with_input(keyboard.clone())
+            .with_input(tablet.clone());
+        (fake_with(display), keyboard, tablet)
+    }
+
+    pub fn fake_with(display: display::Display) -> Fake {
         let vcpus = Arc::new(FakeVcpus::default());
         let presses = Arc::new(AtomicUsize::new(0));
         let exits = Arc::new(Mutex::new(Vec::new()));
@@ -618,6 +660,7 @@ pub(crate) mod testing {
         let links = Arc::new(Mutex::new(Vec::new()));
         let l = links.clone();
         let control = control
+            .with_display(display)
             .with_links(vec![NetLink {
                 names: link_names(0, "net0"),
                 set: Box::new(move |up| l.lock().unwrap().push(up)),

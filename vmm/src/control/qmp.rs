@@ -6,10 +6,12 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use super::display::{self, ImageFormat, PointerOrKey};
 use super::json::to_line;
-use super::qemu::{package, NO_CONSOLE, QEMU_VERSION};
+use super::qemu::{package, QEMU_VERSION};
 use super::stream::Input;
 use super::{hmp, Controls, Migration};
+use skiff_devices::virtio::input::keys;
 
 /// QMP error classes (`qapi/error.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +156,8 @@ enum ArgType {
     EnumList(&'static [&'static str]),
     /// One enum value.
     Enum(&'static [&'static str]),
+    /// An array, its elements checked by the command.
+    List,
 }
 
 struct Arg {
@@ -217,6 +221,19 @@ const COMMANDS: &[(&str, &[Arg])] = &[
         ],
     ),
     (
+        "send-key",
+        &[req("keys", ArgType::List), opt("hold-time", ArgType::Int)],
+    ),
+    (
+        "input-send-event",
+        &[
+            opt("device", ArgType::Str),
+            opt("head", ArgType::Int),
+            req("events", ArgType::List),
+        ],
+    ),
+    ("query-mice", &[]),
+    (
         "set_link",
         &[req("name", ArgType::Str), req("up", ArgType::Bool)],
     ),
@@ -264,6 +281,8 @@ fn check_type(name: &str, ty: ArgType, v: &Value) -> Result<(), QmpError> {
             Some(s) => check_enum(s, allowed, name),
             None => Err(type_error(name, "string")),
         },
+        ArgType::List if v.is_array() => Ok(()),
+        ArgType::List => Err(type_error(name, "array")),
         ArgType::EnumList(allowed) => {
             let items = v.as_array().ok_or_else(|| type_error(name, "array"))?;
             for (i, item) in items.iter().enumerate() {
@@ -487,6 +506,98 @@ fn query_chardev(machine: &dyn Controls) -> Value {
     Value::Array(devs)
 }
 
+/// A `KeyValue` (`{"type": "qcode", "data": "ret"}` or `{"type":
+/// "number", "data": 28}`) at `at`, as a Linux key code.
+fn key_value(v: &Value, at: &str) -> Result<u16, QmpError> {
+    let data = v
+        .get("data")
+        .ok_or_else(|| QmpError::generic(format!("Parameter '{at}.data' is missing")))?;
+    match v.get("type").and_then(Value::as_str) {
+        Some("qcode") => {
+            let name = data
+                .as_str()
+                .ok_or_else(|| type_error(&format!("{at}.data"), "string"))?;
+            keys::by_name(name).map(|k| k.linux).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Parameter '{at}.data' does not accept value '{name}'"
+                ))
+            })
+        }
+        Some("number") => {
+            let n = data
+                .as_i64()
+                .ok_or_else(|| type_error(&format!("{at}.data"), "integer"))?;
+            u16::try_from(n)
+                .ok()
+                .and_then(keys::by_number)
+                .map(|k| k.linux)
+                .ok_or_else(|| {
+                    QmpError::generic(format!("Parameter '{at}.data': {n:#x} is no key number"))
+                })
+        }
+        Some(other) => Err(QmpError::generic(format!(
+            "Parameter '{at}.type' does not accept value '{other}'"
+        ))),
+        None => Err(QmpError::generic(format!(
+            "Parameter '{at}.type' is missing"
+        ))),
+    }
+}
+
+/// An `InputEvent` of `input-send-event` at `at`.
+fn input_event(v: &Value, at: &str) -> Result<PointerOrKey, QmpError> {
+    let data = v
+        .get("data")
+        .ok_or_else(|| QmpError::generic(format!("Parameter '{at}.data' is missing")))?;
+    let down = || {
+        data.get("down").and_then(Value::as_bool).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Parameter '{at}.data.down' is missing or not a boolean"
+            ))
+        })
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("key") => {
+            let key = data.get("key").ok_or_else(|| {
+                QmpError::generic(format!("Parameter '{at}.data.key' is missing"))
+            })?;
+            Ok(PointerOrKey::Key {
+                code: key_value(key, &format!("{at}.data.key"))?,
+                down: down()?,
+            })
+        }
+        Some("btn") => {
+            let name = data
+                .get("button")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            display::button(name, down()?).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Parameter '{at}.data.button' does not accept value '{name}'"
+                ))
+            })
+        }
+        Some("abs") => {
+            let axis = data.get("axis").and_then(Value::as_str).unwrap_or_default();
+            let value = data.get("value").and_then(Value::as_i64).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Parameter '{at}.data.value' is missing or not an integer"
+                ))
+            })?;
+            display::abs(axis, value).map_err(QmpError::generic)
+        }
+        Some("rel") => Err(QmpError::generic(
+            "this VM has no relative pointer: move the tablet with abs events",
+        )),
+        Some(other) => Err(QmpError::generic(format!(
+            "Parameter '{at}.type' does not accept value '{other}'"
+        ))),
+        None => Err(QmpError::generic(format!(
+            "Parameter '{at}.type' is missing"
+        ))),
+    }
+}
+
 fn run_command(
     name: &str,
     args: &Map<String, Value>,
@@ -542,7 +653,75 @@ fn run_command(
             }
             to_line(&hmp::execute(arg_str("command-line"), machine))
         }
-        "screendump" => return Err(QmpError::generic(NO_CONSOLE)),
+        "screendump" => {
+            if args.get("head").and_then(Value::as_i64).unwrap_or(0) != 0 {
+                return Err(QmpError::generic("skiff-vmm's display has one head, head 0"));
+            }
+            let format = match args.get("format").and_then(Value::as_str) {
+                Some(f) => ImageFormat::parse(f).unwrap_or(ImageFormat::Ppm),
+                None => ImageFormat::Ppm,
+            };
+            machine
+                .display()
+                .screendump(std::path::Path::new(arg_str("filename")), format)
+                .map_err(QmpError::generic)?;
+            empty()
+        }
+        "send-key" => {
+            let keys = args.get("keys").and_then(Value::as_array);
+            let codes = keys
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, k)| key_value(k, &format!("keys[{i}]")))
+                .collect::<Result<Vec<u16>, QmpError>>()?;
+            if codes.is_empty() {
+                return Err(QmpError::generic("Parameter 'keys' must not be empty"));
+            }
+            let hold = match args.get("hold-time").and_then(Value::as_i64) {
+                Some(ms) => Some(u64::try_from(ms).map_err(|_| {
+                    QmpError::generic("Parameter 'hold-time' must not be negative")
+                })?),
+                None => None,
+            };
+            machine
+                .display()
+                .send_keys(&codes, hold)
+                .map_err(QmpError::generic)?;
+            empty()
+        }
+        "input-send-event" => {
+            if !machine.run_state().is_running() {
+                return Err(QmpError::generic("VM not running"));
+            }
+            if args.get("head").and_then(Value::as_i64).unwrap_or(0) != 0 {
+                return Err(QmpError::generic("skiff-vmm's display has one head, head 0"));
+            }
+            let events = args
+                .get("events")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, e)| input_event(e, &format!("events[{i}]")))
+                .collect::<Result<Vec<_>, QmpError>>()?;
+            machine
+                .display()
+                .send_events(&events)
+                .map_err(QmpError::generic)?;
+            empty()
+        }
+        "query-mice" => to_line(&Value::Array(
+            machine
+                .display()
+                .mice()
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, absolute))| {
+                    json!({"index": i + 2, "name": name, "current": i == 0, "absolute": absolute})
+                })
+                .collect(),
+        )),
         "set_link" => {
             let up = args.get("up").and_then(Value::as_bool).unwrap_or_default();
             machine
@@ -1040,6 +1219,134 @@ mod tests {
         assert_eq!(
             error(&v),
             ("DeviceNotFound", "Device 'virtio-net-pci.2' not found")
+        );
+    }
+
+    #[test]
+    fn screen_keys_and_pointer() {
+        let (f, keyboard, tablet) = super::super::testing::fake_with_display();
+        let m = &f.control;
+        let mut s = negotiated(m);
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let ppm = dir.as_path().join("a.ppm");
+        let cmd = format!(
+            r#"{{"execute":"screendump","arguments":{{"filename":"{}"}}}}"#,
+            ppm.display()
+        );
+        assert_eq!(run(&mut s, m, &cmd), json!({"return": {}}));
+        assert_eq!(
+            std::fs::read(&ppm).unwrap(),
+            b"P6\n2 1\n255\n\xff\x00\x00\x00\x00\xff"
+        );
+        let png = dir.as_path().join("a.png");
+        let cmd = format!(
+            r#"{{"execute":"screendump","arguments":{{"filename":"{}","format":"png"}}}}"#,
+            png.display()
+        );
+        assert_eq!(run(&mut s, m, &cmd), json!({"return": {}}));
+        assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+
+        let r = run(
+            &mut s,
+            m,
+            r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"number","data":56},{"type":"qcode","data":"delete"}],"hold-time":0}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while keyboard.pending() < 12 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for (args, want) in [
+            (
+                r#"{"keys":[{"type":"qcode","data":"nokey"}]}"#,
+                "Parameter 'keys[0].data' does not accept value 'nokey'",
+            ),
+            (
+                r#"{"keys":[{"type":"number","data":0}]}"#,
+                "Parameter 'keys[0].data': 0x0 is no key number",
+            ),
+            (r#"{"keys":[]}"#, "Parameter 'keys' must not be empty"),
+            (
+                r#"{"keys":"ret"}"#,
+                "Invalid parameter type for 'keys', expected: array",
+            ),
+            (
+                r#"{"keys":[{"type":"qcode","data":"a"}],"hold-time":-1}"#,
+                "Parameter 'hold-time' must not be negative",
+            ),
+        ] {
+            let r = run(
+                &mut s,
+                m,
+                &format!(r#"{{"execute":"send-key","arguments":{args}}}"#),
+            );
+            assert_eq!(r["error"]["desc"], want, "{args}");
+        }
+
+        let r = run(
+            &mut s,
+            m,
+            r#"{"execute":"input-send-event","arguments":{"events":[{"type":"abs","data":{"axis":"x","value":16384}},{"type":"abs","data":{"axis":"y","value":0}},{"type":"btn","data":{"down":true,"button":"left"}}]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        assert_eq!(tablet.pending(), 4);
+        for (events, want) in [
+            (
+                r#"[{"type":"abs","data":{"axis":"x","value":40000}}]"#,
+                "outside 0..32767",
+            ),
+            (
+                r#"[{"type":"rel","data":{"axis":"x","value":4}}]"#,
+                "no relative pointer",
+            ),
+            (
+                r#"[{"type":"btn","data":{"down":true,"button":"fourth"}}]"#,
+                "'events[0].data.button' does not accept value 'fourth'",
+            ),
+            (
+                r#"[{"type":"key","data":{"down":true}}]"#,
+                "'events[0].data.key' is missing",
+            ),
+            (
+                r#"[{"type":"touch","data":{}}]"#,
+                "'events[0].type' does not accept value 'touch'",
+            ),
+        ] {
+            let r = run(
+                &mut s,
+                m,
+                &format!(r#"{{"execute":"input-send-event","arguments":{{"events":{events}}}}}"#),
+            );
+            let desc = r["error"]["desc"].as_str().unwrap();
+            assert!(desc.contains(want), "{events}: {desc}");
+        }
+        m.stop();
+        let r = run(
+            &mut s,
+            m,
+            r#"{"execute":"input-send-event","arguments":{"events":[]}}"#,
+        );
+        assert_eq!(r["error"]["desc"], "VM not running");
+        assert_eq!(
+            run(&mut s, m, r#"{"execute":"query-mice"}"#),
+            json!({"return": [{"index": 2, "name": "QEMU Virtio Tablet", "current": true, "absolute": true}]})
+        );
+        // Without devices: QEMU's texts.
+        let f = super::super::testing::fake();
+        let mut s = negotiated(&f.control);
+        assert_eq!(
+            run(&mut s, &f.control, r#"{"execute":"query-mice"}"#),
+            json!({"return": []})
+        );
+        let r = run(
+            &mut s,
+            &f.control,
+            r#"{"execute":"screendump","arguments":{"filename":"/tmp/x"}}"#,
+        );
+        assert_eq!(
+            r["error"]["desc"],
+            "There is no console to take a screendump from"
         );
     }
 }

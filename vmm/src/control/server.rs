@@ -432,6 +432,9 @@ mod tests {
         fn migration(&self) -> super::super::Migration {
             self.0.control.migration()
         }
+        fn display(&self) -> &super::super::display::Display {
+            self.0.control.display()
+        }
     }
 
     struct Client {

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use skiff_vmm::config::{BlockConfig, MAX_CPUS};
+use skiff_vmm::config::{BlockConfig, GpuConfig, InputKind, MAX_CPUS};
 use skiff_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use skiff_vmm::VmConfig;
 use thiserror::Error;
@@ -76,6 +76,36 @@ pub struct Node {
     /// Seconds to wait for the backdoor banner before giving up.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u64,
+    /// A screen, keyboard and tablet: `true` (1024x768) or
+    /// `{"width": W, "height": H}`.
+    #[serde(default)]
+    pub display: Option<DisplaySpec>,
+}
+
+/// A node's `display`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum DisplaySpec {
+    /// `true` for the default mode, `false` for none.
+    On(bool),
+    /// A mode.
+    Mode {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+}
+
+impl DisplaySpec {
+    /// The GPU mode asked for, if any.
+    pub fn mode(self) -> Option<GpuConfig> {
+        match self {
+            DisplaySpec::On(false) => None,
+            DisplaySpec::On(true) => Some(GpuConfig::default()),
+            DisplaySpec::Mode { width, height } => Some(GpuConfig { width, height }),
+        }
+    }
 }
 
 fn default_cpus() -> u32 {
@@ -302,6 +332,17 @@ impl Description {
                     "memory {memory}: must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (MiB)"
                 )));
             }
+            let gpu = n.display.and_then(DisplaySpec::mode);
+            if let Some(mode) = gpu {
+                mode.check().map_err(|e| ctx(format!("display: {e}")))?;
+            }
+            // With a screen, kernel messages also go to the VT; /dev/console
+            // (the last console) stays the serial line the log reads.
+            let consoles = if gpu.is_some() {
+                "console=tty0 console=ttyS0"
+            } else {
+                "console=ttyS0"
+            };
             let cmdline = if n
                 .cmdline
                 .split_whitespace()
@@ -309,7 +350,7 @@ impl Description {
             {
                 n.cmdline.clone()
             } else {
-                format!("console=ttyS0 {}", n.cmdline).trim_end().to_owned()
+                format!("{consoles} {}", n.cmdline).trim_end().to_owned()
             };
             let cmdline = plan.node_cmdline(&name, &cmdline).map_err(network_err)?;
             let net = &plan.nodes[&name];
@@ -325,6 +366,12 @@ impl Description {
                         memory_mib: memory,
                         disks,
                         rng: true,
+                        gpu,
+                        inputs: if gpu.is_some() {
+                            vec![InputKind::Keyboard, InputKind::Tablet]
+                        } else {
+                            Vec::new()
+                        },
                         ..VmConfig::new(kernel)
                     },
                     number: net.number,
@@ -491,6 +538,53 @@ mod tests {
         let desc = Description::load(&p, None).unwrap();
         assert!(desc.vlans.is_empty());
         assert_eq!(desc.nodes["m"].vm.cmdline, "console=ttyS0 skiff.hostname=m");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_display_gives_a_gpu_a_keyboard_a_tablet_and_a_vt_console() {
+        let d = tmp("display");
+        let p = write(
+            &d,
+            "t.json",
+            r#"{"name":"a","script":"pass","nodes":{
+                "plain":{"kernel":"kernel","vlans":[]},
+                "off":{"kernel":"kernel","vlans":[],"display":false},
+                "screen":{"kernel":"kernel","vlans":[],"display":true},
+                "wide":{"kernel":"kernel","vlans":[],"display":{"width":1280,"height":800}}}}"#,
+        );
+        let desc = Description::load(&p, None).unwrap();
+        for name in ["plain", "off"] {
+            let vm = &desc.nodes[name].vm;
+            assert_eq!((vm.gpu, vm.inputs.len()), (None, 0), "{name}");
+            assert!(vm.cmdline.starts_with("console=ttyS0 "), "{name}");
+        }
+        let vm = &desc.nodes["screen"].vm;
+        assert_eq!(vm.gpu, Some(GpuConfig::default()));
+        assert_eq!(vm.inputs, [InputKind::Keyboard, InputKind::Tablet]);
+        assert!(vm.cmdline.starts_with("console=tty0 console=ttyS0 "));
+        let args = vm.to_args();
+        assert!(
+            args.contains(&"--gpu=width=1024,height=768".to_owned()),
+            "{args:?}"
+        );
+        assert_eq!(
+            desc.nodes["wide"].vm.gpu,
+            Some(GpuConfig {
+                width: 1280,
+                height: 800
+            })
+        );
+        let p = write(
+            &d,
+            "t.json",
+            r#"{"name":"a","script":"pass","nodes":{"m":{"kernel":"kernel","display":{"width":10,"height":10}}}}"#,
+        );
+        let e = Description::load(&p, None).unwrap_err().to_string();
+        assert!(
+            e.contains("node \"m\": display: display mode 10x10 is outside"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

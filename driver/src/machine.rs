@@ -585,6 +585,11 @@ impl Machine {
         self.0.node.nics.iter().map(|n| n.vlan).collect()
     }
 
+    /// Whether the node has a display (a GPU, a keyboard and a tablet).
+    pub fn has_display(&self) -> bool {
+        self.0.node.vm.gpu.is_some()
+    }
+
     fn fail(&self, message: impl Into<String>) -> MachineError {
         MachineError::Host {
             machine: self.0.name.clone(),

@@ -171,6 +171,13 @@ impl MachineCore {
         self.machine.vlans()
     }
 
+    /// Whether the machine has a screen, keyboard and tablet (the node's
+    /// `display`).
+    #[getter]
+    fn display(&self) -> bool {
+        self.machine.has_display()
+    }
+
     #[getter]
     fn last_exit(&self) -> Option<i32> {
         self.machine.last_exit()

@@ -105,12 +105,12 @@ fn the_driver_boots_each_node_once_and_restores_it_after() {
     };
     let (cold, warm) = (&o[0], &o[1]);
     assert!(
-        cold.serial.contains("9 passed, 0 failed"),
+        cold.serial.contains("10 passed, 0 failed"),
         "{}",
         cold.serial
     );
     assert!(
-        warm.serial.contains("9 passed, 0 failed"),
+        warm.serial.contains("10 passed, 0 failed"),
         "{}",
         warm.serial
     );
@@ -120,7 +120,7 @@ fn the_driver_boots_each_node_once_and_restores_it_after() {
     assert!(saved >= 4, "{:?}", per_test("cold", "saved snapshot"));
     // In the second, every test restored its machines and saved nothing.
     let restored = per_test("warm", "restored from snapshot");
-    assert_eq!(restored.len(), 9, "{restored:?}");
+    assert_eq!(restored.len(), 10, "{restored:?}");
     assert!(restored.iter().all(|t| t.1 >= 1), "{restored:?}");
     assert_eq!(
         restored.iter().find(|t| t.0 == "two-nodes").map(|t| t.1),

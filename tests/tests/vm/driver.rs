@@ -14,7 +14,7 @@ fn suite_failures_and_a_silent_guest() {
     fixtures();
     let dir = scratch_dir("driver-busybox");
     let suite = crate::cache::suite();
-    assert_eq!(suite.len(), 9, "{suite:?}");
+    assert_eq!(suite.len(), 10, "{suite:?}");
     let specs = vec![
         skiff_run(
             "suite",
@@ -37,16 +37,16 @@ fn suite_failures_and_a_silent_guest() {
     ];
     let o = run_batch("driver-busybox", 3072, &specs);
 
-    // Eight tests, four at a time, all passed, in the summary table.
+    // Ten tests, four at a time, all passed, in the summary table.
     let suite = &o[0];
     assert_eq!(exit_of(suite), 0, "{}", suite.serial);
     assert!(
-        suite.serial.contains("9 test(s), 4 at a time"),
+        suite.serial.contains("10 test(s), 4 at a time"),
         "{}",
         suite.serial
     );
     assert!(
-        suite.serial.contains("9 passed, 0 failed") && suite.serial.contains("with --jobs 4"),
+        suite.serial.contains("10 passed, 0 failed") && suite.serial.contains("with --jobs 4"),
         "{}",
         suite.serial
     );
@@ -60,6 +60,7 @@ fn suite_failures_and_a_silent_guest() {
         "reboot",
         "crash",
         "snapshots",
+        "display",
     ] {
         assert!(
             suite

@@ -61,8 +61,9 @@ class DriverInterrupted(MachineError):
 
 
 class NotSupported(MachineError):
-    """The method needs hardware skiff-vmm does not have yet (a display,
-    a keyboard, a user-mode network card), or a QEMU start script."""
+    """The method needs hardware the machine does not have (a display the
+    node did not ask for, a user-mode network card skiff-vmm has not yet),
+    or a QEMU start script."""
 
 
 class QMPError(MachineError):

@@ -95,6 +95,32 @@ def retry(
         )
 
 
+# Characters `send_chars` types, as HMP `sendkey` specs (upstream's table).
+CHAR_TO_KEY: Dict[str, str] = {
+    **{c: f"shift-{c.lower()}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"},
+    "-": "0x0C", "_": "shift-0x0C", "=": "0x0D", "+": "shift-0x0D",
+    "[": "0x1A", "{": "shift-0x1A", "]": "0x1B", "}": "shift-0x1B",
+    ";": "0x27", ":": "shift-0x27", "'": "0x28", '"': "shift-0x28",
+    "`": "0x29", "~": "shift-0x29", "\\": "0x2B", "|": "shift-0x2B",
+    ",": "0x33", "<": "shift-0x33", ".": "0x34", ">": "shift-0x34",
+    "/": "0x35", "?": "shift-0x35", " ": "spc", "\n": "ret",
+    "!": "shift-0x02", "@": "shift-0x03", "#": "shift-0x04", "$": "shift-0x05",
+    "%": "shift-0x06", "^": "shift-0x07", "&": "shift-0x08", "*": "shift-0x09",
+    "(": "shift-0x0A", ")": "shift-0x0B",
+}
+
+
+class _NoContext:
+    """A context manager that does nothing (a key sent without a log
+    block)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def _not_here(machine: "Machine", what: str, needs: str) -> NotSupported:
     return NotSupported(f"{machine.name}: {what} needs {needs}, which skiff-vmm does not have yet")
 
@@ -126,9 +152,6 @@ def _extract(tar: "tarfile.TarFile", dest: str) -> None:
         if (member.issym() or member.islnk()) and os.path.isabs(member.linkname):
             raise MachineError(f"refusing to extract the absolute link {member.name!r}")
     tar.extractall(dest)
-
-
-CHAR_TO_KEY: Dict[str, str] = {}
 
 
 class Machine:
@@ -742,29 +765,152 @@ class Machine:
         """Not available: skiff-vmm has no user-mode network card yet."""
         raise _not_here(self, "forward_port()", "a user-mode NIC")
 
+    # -- screen and keyboard ------------------------------------------
+    def _needs_display(self, what: str) -> None:
+        if not self._core.display:
+            raise NotSupported(
+                f'{self.name}: {what} needs a display: give the node "display": true '
+                "(a virtio-gpu screen, a keyboard and a tablet)"
+            )
+
+    def _hmp(self, command: str, log: bool = True) -> None:
+        """Runs an HMP command whose success prints nothing; its output is
+        its error, raised naming the machine and the command. Without
+        `log`, no log block of its own (one per typed key is noise)."""
+        if log:
+            out = self.send_monitor_command(command)
+        else:
+            self._run_polling_conditions()
+            out = self.qmp_client.send("human-monitor-command", {"command-line": command})
+        if out.strip():
+            raise MachineError(f"{self.name}: `{command}` failed: {out.strip()}")
+
     def screenshot(self, filename: str) -> None:
-        """Not available: skiff-vmm has no display yet."""
-        raise _not_here(self, "screenshot()", "a display (virtio-gpu)")
+        """Saves the screen as a PNG: `filename` (".png" added when it has
+        no extension) in the output directory unless it names a directory.
+        skiff-vmm writes the PNG itself (upstream converts a PPM with
+        pnmtopng)."""
+        self._needs_display("screenshot()")
+        if "." not in filename:
+            filename += ".png"
+        if "/" not in filename:
+            filename = os.path.join(self.out_dir, filename)
+        with self.nested(f"making screenshot {filename}", {"image": os.path.basename(filename)}):
+            self._run_polling_conditions()
+            self.qmp_client.send("screendump", {"filename": os.path.abspath(filename), "format": "png"})
 
-    def get_screen_text(self) -> str:
-        """Not available: skiff-vmm has no display yet."""
-        raise _not_here(self, "get_screen_text()", "a display (virtio-gpu)")
+    def _vt_text(self) -> Optional[str]:
+        """The exact text of the VT on the screen (from /dev/vcsN, folded
+        at its width), or None when a graphical session (X11 or Wayland)
+        may own the screen."""
+        status, out = self.execute(
+            "if ls /tmp/.X11-unix/X* /run/user/*/wayland-* >/dev/null 2>&1; then exit 3; fi; "
+            "t=$(cat /sys/class/tty/tty0/active) && n=${t#tty} && "
+            "set -- $(od -An -tu1 -N2 /dev/vcsa$n) && fold -w \"$2\" /dev/vcs$n | sed 's/ *$//'",
+            check_output=True,
+        )
+        if status == 3:
+            return None
+        if status != 0:
+            raise MachineError(f"{self.name}: cannot read the text of the VT on the screen: {out.strip()}")
+        return out
 
-    def get_screen_text_variants(self) -> List[str]:
-        """Not available: skiff-vmm has no display yet."""
-        raise _not_here(self, "get_screen_text_variants()", "a display (virtio-gpu)")
+    def _ocr(self, variants: bool) -> List[str]:
+        """OCR of a screenshot with tesseract, as upstream does it; Debian's
+        tesseract has no legacy engine, so only the LSTM model (--oem 1)
+        runs, on the picture and on its negative for the variants."""
+        import shutil
+        import subprocess
+        import tempfile
+
+        for tool, package in (("tesseract", "tesseract-ocr"), ("convert", "imagemagick")):
+            if shutil.which(tool) is None:
+                raise MachineError(
+                    f"{self.name}: reading text off a graphical screen needs {tool} (Debian: apt install {package})"
+                )
+        with tempfile.TemporaryDirectory(prefix="skiff-ocr-") as tmp:
+            png = os.path.join(tmp, "screen.png")
+            self.qmp_client.send("screendump", {"filename": png, "format": "png"})
+            results = []
+            for negate in ((False, True) if variants else (False,)):
+                tiff = os.path.join(tmp, f"screen-{int(negate)}.tiff")
+                magick = ["-filter", "Catrom", "-density", "72", "-resample", "300", "-contrast", "-normalize",
+                          "-despeckle", "-type", "grayscale", "-sharpen", "1", "-posterize", "3"]
+                magick += ["-negate"] if negate else []
+                magick += ["-gamma", "100", "-blur", "1x65535"]
+                r = subprocess.run(["convert", *magick, png, f"tiff:{tiff}"], capture_output=True)
+                if r.returncode != 0:
+                    raise MachineError(f"{self.name}: convert failed: {r.stderr.decode(errors='replace')}")
+                r = subprocess.run(["tesseract", tiff, "-", "-c", "debug_file=/dev/null", "--psm", "11", "--oem", "1"],
+                                   capture_output=True)
+                if r.returncode != 0:
+                    raise MachineError(f"{self.name}: tesseract failed: {r.stderr.decode(errors='replace')}")
+                results.append(r.stdout.decode("utf-8", errors="replace"))
+            return results
+
+    def _screen_text(self, variants: bool, source: str) -> List[str]:
+        if source not in ("auto", "vt", "ocr"):
+            raise ValueError(f"source must be 'auto', 'vt' or 'ocr', not {source!r}")
+        if source != "ocr":
+            text = self._vt_text()
+            if text is not None:
+                self.log("screen text read from the VT (/dev/vcs), exactly")
+                return [text]
+            if source == "vt":
+                raise MachineError(f"{self.name}: a graphical session owns the screen: there is no VT text to read")
+        self.log("screen text read by OCR (tesseract)")
+        return self._ocr(variants)
+
+    def get_screen_text_variants(self, source: str = "auto") -> List[str]:
+        """The text on the screen. Beyond upstream: while a VT is on the
+        screen (no X11 or Wayland session), its exact text from /dev/vcs,
+        as the one variant; otherwise OCR variants (tesseract's LSTM model
+        on the screenshot and on its negative). `source` forces "vt" or
+        "ocr". The log says which was used."""
+        self._needs_display("get_screen_text_variants()")
+        with self.nested("getting screen text variants"):
+            return self._screen_text(True, source)
+
+    def get_screen_text(self, source: str = "auto") -> str:
+        """The text on the screen: see `get_screen_text_variants`."""
+        self._needs_display("get_screen_text()")
+        with self.nested("getting screen text"):
+            return self._screen_text(False, source)[0]
 
     def wait_for_text(self, regex: str, timeout: Duration = 900) -> None:
-        """Not available: skiff-vmm has no display yet."""
-        raise _not_here(self, "wait_for_text()", "a display (virtio-gpu)")
+        """Waits until `regex` matches the text on the screen (see
+        `get_screen_text_variants`)."""
+        self._needs_display("wait_for_text()")
+        pattern = re.compile(regex)
+
+        def check(last_try: bool) -> bool:
+            variants = self._screen_text(True, "auto")
+            if last_try:
+                self.log(f"Last chance to match /{regex}/ on the screen, which currently contains: {variants[0]!r}")
+            return any(pattern.search(v) for v in variants)
+
+        with self.nested(f"waiting for {regex} to appear on screen"):
+            retry(check, timeout)
 
     def send_key(self, key: str, delay: Optional[float] = 0.01, log: bool = True) -> None:
-        """Not available: skiff-vmm has no keyboard or display yet."""
-        raise _not_here(self, "send_key()", "a keyboard and a display")
+        """Presses and releases `key`: a character of upstream's table
+        (`A`, `!`, `\n`) or a QEMU key spec (`ctrl-alt-delete`, `alt-f2`),
+        then sleeps `delay` seconds. An unknown key raises, naming it."""
+        self._needs_display("send_key()")
+        key = CHAR_TO_KEY.get(key, key)
+        context = self.nested(f"sending key {key!r}") if log else _NoContext()
+        with context:
+            self._hmp(f"sendkey {key}", log)
+            if delay is not None:
+                time.sleep(delay)
 
     def send_chars(self, chars: str, delay: Optional[float] = 0.01) -> None:
-        """Not available: skiff-vmm has no keyboard or display yet."""
-        raise _not_here(self, "send_chars()", "a keyboard and a display")
+        """Types `chars`, one `send_key` each. Every key reaches the guest,
+        in order, however small `delay` is (skiff-vmm queues them)."""
+        self._needs_display("send_chars()")
+        with self.nested(f"sending keys {chars!r}"):
+            for char in chars:
+                self.send_key(char, delay, log=False)
 
     # -- virtual consoles and X (plain shell commands) -----------------
     def get_tty_text(self, tty: str) -> str:

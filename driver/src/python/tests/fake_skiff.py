@@ -91,8 +91,10 @@ class FakeCore:
         python_name: Optional[str] = None,
         state_dir: str = "/nonexistent",
         vlans: Optional[List[int]] = None,
+        display: bool = False,
     ) -> None:
         self.name = name
+        self.display = display
         self.python_name = python_name or name.replace("-", "_")
         self.state_dir = state_dir
         # The VLANs of its cards, in order (a description's default).

@@ -2,6 +2,7 @@
 the log blocks and error texts the upstream API promises."""
 
 import datetime
+import os
 import unittest
 
 from test_driver.errors import (
@@ -410,13 +411,12 @@ class NotYetSupportedTest(DriverTestCase):
     def test_each_names_the_machine_and_what_is_missing(self) -> None:
         m = self.machine
         cases = [
-            (m.screenshot, ("shot",), "screenshot() needs a display (virtio-gpu)"),
-            (m.get_screen_text, (), "get_screen_text() needs a display (virtio-gpu)"),
+            (m.screenshot, ("shot",), "screenshot() needs a display"),
+            (m.get_screen_text, (), "get_screen_text() needs a display"),
             (m.get_screen_text_variants, (), "get_screen_text_variants() needs a display"),
             (m.wait_for_text, ("login",), "wait_for_text() needs a display"),
-            (m.send_key, ("ret",), "send_key() needs a keyboard and a display"),
-            (m.send_chars, ("abc",), "send_chars() needs a keyboard and a display"),
-            (m.forward_port, (), "forward_port() needs a user-mode NIC"),
+            (m.send_key, ("ret",), "send_key() needs a display"),
+            (m.send_chars, ("abc",), "send_chars() needs a display"),
         ]
         for method, args, text in cases:
             with self.subTest(method.__name__):
@@ -424,8 +424,58 @@ class NotYetSupportedTest(DriverTestCase):
                     method(*args)
                 self.assertIsInstance(cm.exception, MachineError)
                 self.assertTrue(str(cm.exception).startswith("server: " + text), str(cm.exception))
-                self.assertIn("which skiff-vmm does not have yet", str(cm.exception))
+                self.assertIn('give the node "display": true', str(cm.exception))
+        with self.assertRaises(NotSupported) as cm:
+            m.forward_port()
+        self.assertIn("forward_port() needs a user-mode NIC, which skiff-vmm does not have yet", str(cm.exception))
         self.assertEqual(self.core.commands, [])
+
+
+class DisplayTest(DriverTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.core.display = True
+        # skiff-vmm's HMP prints nothing for a key or screendump it did.
+        self.core.qmp_results["human-monitor-command"] = lambda _args: ""
+        self.machine.start()
+
+    def hmp_lines(self) -> "list[str]":
+        return [a["command-line"] for c, a, _ in self.core.qmp_sent if c == "human-monitor-command"]
+
+    def test_send_chars_types_upstreams_table(self) -> None:
+        self.machine.send_chars("aZ !\n-_", delay=None)
+        self.assertEqual(
+            self.hmp_lines(),
+            ["sendkey a", "sendkey shift-z", "sendkey spc", "sendkey shift-0x02", "sendkey ret",
+             "sendkey 0x0C", "sendkey shift-0x0C"],
+        )
+        self.machine.send_key("ctrl-alt-delete", delay=None)
+        self.assertEqual(self.hmp_lines()[-1], "sendkey ctrl-alt-delete")
+
+    def test_a_refused_key_raises_with_the_monitors_words(self) -> None:
+        self.core.qmp_results["human-monitor-command"] = lambda _args: "invalid parameter: nokey\r\n"
+        with self.assertRaisesRegex(MachineError, "server: `sendkey nokey` failed: invalid parameter: nokey"):
+            self.machine.send_key("nokey", delay=None)
+
+    def test_screenshot_names_the_file_as_upstream(self) -> None:
+        self.machine.screenshot("login")
+        [args] = [a for c, a, _ in self.core.qmp_sent if c == "screendump"]
+        self.assertEqual(args["format"], "png")
+        self.assertEqual(args["filename"], os.path.abspath(os.path.join(self.machine.out_dir, "login.png")))
+
+    def test_screen_text_is_the_vts_when_no_graphical_session_runs(self) -> None:
+        class ByPrefix(dict):
+            def get(self, command, default=None):
+                if command.startswith("if ls /tmp/.X11-unix"):
+                    return (0, b"login: root\n~ #\n")
+                return default
+
+        self.core.results = ByPrefix()
+        self.assertEqual(self.machine.get_screen_text(), "login: root\n~ #\n")
+        self.assertEqual(self.machine.get_screen_text_variants(), ["login: root\n~ #\n"])
+        self.machine.wait_for_text("~ #", timeout=5)
+        with self.assertRaises(ValueError):
+            self.machine.get_screen_text(source="guess")
 
 
 if __name__ == "__main__":

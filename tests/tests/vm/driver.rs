@@ -5,6 +5,10 @@ use std::path::Path;
 
 use skiff_tests::{assert_clean, cache_dir, exit_of, fixtures, run_batch, scratch_dir, skiff_run};
 
+fn read_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
@@ -137,13 +141,26 @@ fn every_machine_method_against_a_systemd_guest() {
     let o = run_batch(
         "driver-systemd",
         3072,
-        &[skiff_run(
-            "api",
-            "tests/nixos/api.json",
-            &dir.join("api"),
-            1500,
-        )],
+        &[
+            skiff_run("api", "tests/nixos/api.json", &dir.join("api"), 1500),
+            skiff_run("login", "tests/nixos/login.json", &dir.join("login"), 1500),
+        ],
     );
+    let login = &o[1];
+    assert_eq!(exit_of(login), 0, "{}", login.serial);
+    for text in [
+        "screen text read from the VT (/dev/vcs), exactly",
+        "test script finished in",
+    ] {
+        assert!(
+            login.serial.contains(text),
+            "missing {text:?}:\n{}",
+            login.serial
+        );
+    }
+    let png = read_bytes(&dir.join("login/tty2.png"));
+    assert!(png.starts_with(b"\x89PNG"), "tty2.png is no PNG");
+    assert_clean(login);
     let api = &o[0];
     assert_eq!(exit_of(api), 0, "{}", api.serial);
     assert!(

@@ -801,12 +801,13 @@ class Machine:
 
     def _vt_text(self) -> Optional[str]:
         """The exact text of the VT on the screen (from /dev/vcsN, folded
-        at its width), or None when a graphical session (X11 or Wayland)
-        may own the screen."""
+        at its width, blanks kept as upstream's `get_tty_text` keeps
+        them), or None when a graphical session (X11 or Wayland) may own
+        the screen."""
         status, out = self.execute(
             "if ls /tmp/.X11-unix/X* /run/user/*/wayland-* >/dev/null 2>&1; then exit 3; fi; "
             "t=$(cat /sys/class/tty/tty0/active) && n=${t#tty} && "
-            "set -- $(od -An -tu1 -N2 /dev/vcsa$n) && fold -w \"$2\" /dev/vcs$n | sed 's/ *$//'",
+            "set -- $(od -An -tu1 -N2 /dev/vcsa$n) && fold -w \"$2\" /dev/vcs$n",
             check_output=True,
         )
         if status == 3:
@@ -848,17 +849,20 @@ class Machine:
                 results.append(r.stdout.decode("utf-8", errors="replace"))
             return results
 
-    def _screen_text(self, variants: bool, source: str) -> List[str]:
+    def _screen_text(self, variants: bool, source: str, say: bool = True) -> List[str]:
+        """The screen's text variants; `say` logs where they came from."""
         if source not in ("auto", "vt", "ocr"):
             raise ValueError(f"source must be 'auto', 'vt' or 'ocr', not {source!r}")
         if source != "ocr":
             text = self._vt_text()
             if text is not None:
-                self.log("screen text read from the VT (/dev/vcs), exactly")
+                if say:
+                    self.log("screen text read from the VT (/dev/vcs), exactly")
                 return [text]
             if source == "vt":
                 raise MachineError(f"{self.name}: a graphical session owns the screen: there is no VT text to read")
-        self.log("screen text read by OCR (tesseract)")
+        if say:
+            self.log("screen text read by OCR (tesseract)")
         return self._ocr(variants)
 
     def get_screen_text_variants(self, source: str = "auto") -> List[str]:
@@ -883,8 +887,12 @@ class Machine:
         self._needs_display("wait_for_text()")
         pattern = re.compile(regex)
 
+        tries = [0]
+
         def check(last_try: bool) -> bool:
-            variants = self._screen_text(True, "auto")
+            # Where the text comes from is said on the first try and the last.
+            variants = self._screen_text(True, "auto", say=tries[0] == 0 or last_try)
+            tries[0] += 1
             if last_try:
                 self.log(f"Last chance to match /{regex}/ on the screen, which currently contains: {variants[0]!r}")
             return any(pattern.search(v) for v in variants)

@@ -16,6 +16,10 @@ machine.send_chars("echo typed-$((6 * 7)) > /tmp/typed\n")
 machine.wait_until_succeeds("grep -qx typed-42 /tmp/typed", timeout=120)
 
 machine.send_chars("cat > /tmp/chars\n")
+# Type only once cat reads the VT: keys that arrive while the shell's line
+# editor still holds the terminal raw reach cat unprocessed (a literal ^D
+# instead of an end of file).
+machine.wait_until_succeeds("pgrep -x cat", timeout=120)
 machine.send_chars(TYPED + "\n", delay=0)
 machine.send_key("ctrl-d")
 machine.wait_until_succeeds("test -s /tmp/chars && ! pgrep -x cat", timeout=120)

@@ -80,6 +80,15 @@ pub struct Node {
     /// `{"width": W, "height": H}`.
     #[serde(default)]
     pub display: Option<DisplaySpec>,
+    /// The node's number as the writer of the description computed it
+    /// (the Nix side, to configure the guest): checked against the
+    /// driver's own, so both sides agree or the test does not start.
+    #[serde(default)]
+    pub number: Option<u32>,
+    /// The MACs of its cards as the writer computed them, checked the same
+    /// way.
+    #[serde(default)]
+    pub macs: Option<Vec<String>>,
 }
 
 /// A node's `display`.
@@ -354,6 +363,23 @@ impl Description {
             };
             let cmdline = plan.node_cmdline(&name, &cmdline).map_err(network_err)?;
             let net = &plan.nodes[&name];
+            if let Some(number) = n.number {
+                if number != u32::from(net.number) {
+                    return Err(ctx(format!(
+                        "\"number\" is {number}, but the node is number {} (nodes are numbered from 1 in name order)",
+                        net.number
+                    )));
+                }
+            }
+            if let Some(macs) = &n.macs {
+                let ours: Vec<String> = net.nics.iter().map(|c| c.mac().to_string()).collect();
+                let theirs: Vec<String> = macs.iter().map(|m| m.to_ascii_lowercase()).collect();
+                if theirs != ours {
+                    return Err(ctx(format!(
+                        "\"macs\" is {macs:?}, but its cards have {ours:?} (52:54:00:12:<vlan>:<node>, one per VLAN in order)"
+                    )));
+                }
+            }
             nodes.insert(
                 name.clone(),
                 ResolvedNode {
@@ -486,6 +512,43 @@ mod tests {
             .vm
             .cmdline
             .starts_with("console=hvc0 skiff.hostname=m skiff.ip="));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn numbers_and_macs_from_the_writer_must_match() {
+        let d = tmp("numbers");
+        let ok = r#"{"name":"a","script":"pass","nodes":{
+            "b":{"kernel":"kernel","vlans":[2,1],"number":2,"macs":["52:54:00:12:02:02","52:54:00:12:01:02"]},
+            "a":{"kernel":"kernel","vlans":[],"number":1,"macs":[]}}}"#;
+        let p = write(&d, "t.json", ok);
+        assert!(Description::load(&p, None).is_ok());
+        let e = err(
+            &d,
+            r#"{"name":"a","script":"pass","nodes":{"b":{"kernel":"kernel","number":1},"a":{"kernel":"kernel"}}}"#,
+        );
+        assert!(
+            e.contains("node \"b\": \"number\" is 1, but the node is number 2"),
+            "{e}"
+        );
+        let e = err(
+            &d,
+            r#"{"name":"a","script":"pass","nodes":{"a":{"kernel":"kernel","number":2}}}"#,
+        );
+        assert!(
+            e.contains("\"number\" is 2, but the node is number 1"),
+            "{e}"
+        );
+        let e = err(
+            &d,
+            r#"{"name":"a","script":"pass","nodes":{"a":{"kernel":"kernel","vlans":[3],"macs":["52:54:00:12:03:02"]}}}"#,
+        );
+        assert!(
+            e.contains(
+                "\"macs\" is [\"52:54:00:12:03:02\"], but its cards have [\"52:54:00:12:03:01\"]"
+            ),
+            "{e}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -5,7 +5,7 @@
 //! (a `stop` waits for the vCPUs to park), so replies follow their events.
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +56,9 @@ pub fn listen(path: &Path) -> io::Result<Socket> {
         }
     }
     let listener = std::os::unix::net::UnixListener::bind(path)?;
+    // Only the owner may connect: whoever reaches the monitor controls
+    // the VM. (The driver also puts its sockets in a 0700 directory.)
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(Socket::Listen(listener, path.to_owned()))
 }
 
@@ -562,6 +565,71 @@ mod tests {
         assert_eq!(mon.until_prompt(), "VM status: running\r\n(qemu) ");
     }
 
+    /// 100 clients at once each get their own session; one of them
+    /// writing 10 MB of garbage (read to the end, answered with parse
+    /// errors) changes nothing for the others, and the monitor still
+    /// answers afterwards.
+    #[test]
+    fn a_hundred_clients_and_ten_megabytes_of_garbage() {
+        let h = harness("hundred");
+        let mut clients: Vec<Client> = (0..100)
+            .map(|_| Client::connect(&h.dir.join("qmp")))
+            .collect();
+        for c in &mut clients {
+            c.negotiate();
+        }
+        let garbage = std::thread::spawn({
+            let path = h.dir.join("qmp");
+            move || {
+                let mut c = Client::connect(&path);
+                c.negotiate();
+                // Non-JSON bytes, a brace that never closes, and a
+                // megabyte string: all the parser's error paths, 10 MB.
+                let mut junk = Vec::with_capacity(10 << 20);
+                let mut x: u32 = 1;
+                while junk.len() < 10 << 20 {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    junk.push(match x >> 29 {
+                        0 => b'{',
+                        1 => b'}',
+                        2 => b'"',
+                        3 => b'\n',
+                        _ => (x >> 16) as u8,
+                    });
+                }
+                let writer = c.writer.try_clone().unwrap();
+                let drain = std::thread::spawn(move || {
+                    let mut sink = Vec::new();
+                    let _ = c.reader.read_to_end(&mut sink);
+                    sink
+                });
+                let mut w = writer;
+                w.write_all(&junk).unwrap();
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+                drain.join().unwrap()
+            }
+        });
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.send(format!(r#"{{"execute":"query-status","id":{i}}}"#).as_bytes());
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            let v = c.json();
+            assert_eq!(v["id"], i, "{v}");
+            assert_eq!(v["return"]["status"], "running", "{v}");
+        }
+        let replies = garbage.join().unwrap();
+        let replies = String::from_utf8_lossy(&replies);
+        assert!(
+            replies.contains("JSON parse error"),
+            "{}",
+            &replies[..replies.len().min(500)]
+        );
+        let mut after = Client::connect(&h.dir.join("qmp"));
+        after.negotiate();
+        after.send(br#"{"execute":"query-status","id":"after"}"#);
+        assert_eq!(after.json()["return"]["status"], "running");
+    }
+
     #[test]
     fn hmp_session_over_a_socket() {
         let h = harness("hmp");
@@ -616,6 +684,10 @@ mod tests {
         let sock = dir.join("s");
         drop(listen(&sock).unwrap());
         assert!(listen(&sock).is_ok());
+        // Only the owner may connect.
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let file = dir.join("f");
         std::fs::write(&file, "keep").unwrap();
         assert!(listen(&file).is_err());

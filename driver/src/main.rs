@@ -11,6 +11,7 @@ mod snapshots;
 mod suite;
 mod switch;
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -163,10 +164,57 @@ fn state_root(test_name: &str) -> Result<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
+    for (dir, pid) in remove_stale_state(&base, std::process::id()) {
+        logger().log(
+            None,
+            &format!(
+                "removed {}, the state directory of a skiff run (pid {pid}) that ended without cleaning up",
+                dir.display()
+            ),
+        );
+    }
     let dir = base.join(format!("skiff-{}-{test_name}", std::process::id()));
-    std::fs::create_dir_all(&dir)
+    // Owner only: it holds the VMs' monitor and console sockets.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))?;
     Ok(dir)
+}
+
+/// Removes the state directories (`skiff-<pid>-<test>`) in `base` of
+/// runs whose process is gone (a driver killed with SIGKILL cannot clean
+/// up; its VMMs died with it, PR_SET_PDEATHSIG). Only directories this
+/// user owns; a pid that runs again (reused) keeps its directory. Returns
+/// what it removed.
+fn remove_stale_state(base: &Path, own_pid: u32) -> Vec<(PathBuf, u32)> {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("skiff-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let owned_dir = std::fs::symlink_metadata(e.path())
+            .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == uid);
+        if pid == own_pid || !owned_dir || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push((e.path(), pid));
+        }
+    }
+    removed
 }
 
 /// Runs one test in this process; returns its exit status.
@@ -327,5 +375,40 @@ fn main() -> ExitCode {
             eprintln!("skiff: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_state_of_dead_runs_is_removed_and_no_other() {
+        let base = std::env::temp_dir().join(format!("skiff-stale-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        // A pid that ran and is gone.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let own = std::process::id();
+        let stale = base.join(format!("skiff-{dead}-web"));
+        std::fs::create_dir_all(stale.join("vm-state-server")).unwrap();
+        std::fs::write(stale.join("vm-state-server/qmp"), b"").unwrap();
+        let mine = base.join(format!("skiff-{own}-web"));
+        let alive = base.join("skiff-1-web");
+        let other = base.join("skiff-notes");
+        let file = base.join(format!("skiff-{dead}-file"));
+        for d in [&mine, &alive, &other] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(&file, b"").unwrap();
+        let removed = remove_stale_state(&base, own);
+        assert_eq!(removed, vec![(stale.clone(), dead)]);
+        assert!(!stale.exists());
+        for p in [&mine, &alive, &other, &file] {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

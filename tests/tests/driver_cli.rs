@@ -355,3 +355,100 @@ fn a_vmm_that_dies_before_its_qmp_socket_fails_at_once() {
         r.output
     );
 }
+
+/// A driver killed with SIGKILL mid-test takes its VMMs with it
+/// (PR_SET_PDEATHSIG), and the next run removes the state directory it
+/// could not.
+#[test]
+fn a_killed_driver_leaves_no_vmm_and_the_next_run_cleans_up() {
+    let dir = setup("driver-sigkill");
+    let stub = dir.join("stub-vmm");
+    std::fs::write(
+        &stub,
+        format!("#!/usr/bin/env python3\ndelay = 0\n{STUB_VMM}"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("hang.json"),
+        r#"{"name":"hang","nodes":{"box":{"kernel":"kernel"}},"script":"box.start()\nbox.succeed('true')\nopen('started', 'w').close()\nimport time\ntime.sleep(600)\n"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ok.json"),
+        r#"{"name":"ok","nodes":{"box":{"kernel":"kernel"}},"script":"box.start()\nbox.succeed('true')\nbox.shutdown()\n"}"#,
+    )
+    .unwrap();
+    let tmp = dir.join("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let run = |desc: &str| {
+        Command::new(skiff_driver())
+            .args(["test", desc, "--vmm"])
+            .arg(&stub)
+            .current_dir(&dir)
+            .env("TMPDIR", &tmp)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run skiff")
+    };
+    let vmms = || {
+        let ps = Command::new("pgrep")
+            .arg("-f")
+            .arg(&tmp)
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&ps.stdout).trim().to_owned()
+    };
+    let mut driver = run("hang.json");
+    let t = std::time::Instant::now();
+    while !dir.join("started").exists() {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "the test never started its machine"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!vmms().is_empty(), "no skiff-vmm running");
+    let pid = driver.id();
+    driver.kill().unwrap();
+    driver.wait().unwrap();
+    let t = std::time::Instant::now();
+    while !vmms().is_empty() {
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "skiff-vmm outlived its driver: {}",
+            vmms()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stale = tmp.join(format!("skiff-{pid}-hang"));
+    assert!(
+        stale.is_dir(),
+        "no state directory {} left to clean",
+        stale.display()
+    );
+    let out = run("ok.json").wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "removed {}, the state directory of a skiff run (pid {pid}) that ended without cleaning up",
+            stale.display()
+        )),
+        "{text}"
+    );
+    let left: Vec<PathBuf> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

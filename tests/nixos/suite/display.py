@@ -15,14 +15,19 @@ machine.wait_for_text("skiff-vt-ready", timeout=300)
 machine.send_chars("echo typed-$((6 * 7)) > /tmp/typed\n")
 machine.wait_until_succeeds("grep -qx typed-42 /tmp/typed", timeout=120)
 
+# The shell's line editor holds the VT raw (-icanon) while it reads a
+# command and sets it canonical while one runs (busybox runs cat inside a
+# forked shell, so there is no process named cat to look for). Keys that
+# arrive while the VT is still raw reach cat unprocessed (a literal ^D
+# instead of an end of file), so type only once it is canonical, and know
+# that cat ended when it is raw again.
+RAW = "stty -F /dev/tty1 -a | grep -q -- -icanon"
+machine.wait_until_succeeds(RAW, timeout=120)
 machine.send_chars("cat > /tmp/chars\n")
-# Type only once cat reads the VT: keys that arrive while the shell's line
-# editor still holds the terminal raw reach cat unprocessed (a literal ^D
-# instead of an end of file).
-machine.wait_until_succeeds("pgrep -x cat", timeout=120)
+machine.wait_until_fails(RAW, timeout=120)
 machine.send_chars(TYPED + "\n", delay=0)
 machine.send_key("ctrl-d")
-machine.wait_until_succeeds("test -s /tmp/chars && ! pgrep -x cat", timeout=120)
+machine.wait_until_succeeds(f"test -s /tmp/chars && {RAW}", timeout=120)
 got = machine.succeed("cat /tmp/chars")
 assert got == TYPED + "\n", f"typed {TYPED!r}, the guest got {got!r}"
 

@@ -17,6 +17,7 @@ mod cache;
 mod driver;
 mod exits;
 mod net;
+mod nix;
 mod qmp;
 mod snapshot;
 mod systemd;

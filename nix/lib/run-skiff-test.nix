@@ -217,9 +217,8 @@ let
       ''
         set -e
         /bin/mkdir -p "$out/bin"
-        d="$out/bin"
-        printf '#!/bin/sh\n${env}exec "%s" test --interactive "%s" "$@"\n' "$skiff" "$description" > "$d/skiff-test-driver"
-        /bin/chmod +x "$d/skiff-test-driver"
+        printf '#!/bin/sh\n${env}exec "%s" test --interactive "%s" "$@"\n' "$skiff" "$description" > "$out/bin/skiff-test-driver"
+        /bin/chmod +x "$out/bin/skiff-test-driver"
       ''
     ];
   };

@@ -110,12 +110,12 @@ let
 in
 {
   options = paths [ ] result.config;
-  declared = paths [ ] (builtins.mapAttrs (n: v: v) result.options);
+  declared = paths [ ] result.options;
   values = {
     inherit (config.networking) hostName extraHosts interfaces;
     inherit (config.services.udev) extraRules;
     kernelParams = config.boot.kernelParams;
-    fileSystems = builtins.mapAttrs (n: fs: builtins.removeAttrs fs [ ]) config.fileSystems;
+    inherit (config) fileSystems;
     node = builtins.mapAttrs (n: v: if builtins.isString v then storeHash v else v)
       (config.system.build.skiffNode // {
         disks = map (d: d // { path = storeHash d.path; }) config.system.build.skiffNode.disks;

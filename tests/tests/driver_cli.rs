@@ -308,8 +308,8 @@ for line in con.makefile("rb"):
         con.sendall(base64.b64encode(b"") + b"\n")
 "#;
 
-fn run_stub(label: &str, qmp_delay: &str) -> (Run, std::time::Duration) {
-    let dir = setup(label);
+/// Writes [`STUB_VMM`] with `qmp_delay` as `dir/stub-vmm`.
+fn write_stub(dir: &Path, qmp_delay: &str) -> PathBuf {
     let stub = dir.join("stub-vmm");
     std::fs::write(
         &stub,
@@ -317,6 +317,12 @@ fn run_stub(label: &str, qmp_delay: &str) -> (Run, std::time::Duration) {
     )
     .unwrap();
     std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    stub
+}
+
+fn run_stub(label: &str, qmp_delay: &str) -> (Run, std::time::Duration) {
+    let dir = setup(label);
+    let stub = write_stub(&dir, qmp_delay);
     std::fs::write(
         dir.join("t.json"),
         r#"{"name":"t","nodes":{"box":{"kernel":"kernel"}},"script":"box.start()\nbox.succeed('true')\nbox.shutdown()\n"}"#,
@@ -362,13 +368,7 @@ fn a_vmm_that_dies_before_its_qmp_socket_fails_at_once() {
 #[test]
 fn a_killed_driver_leaves_no_vmm_and_the_next_run_cleans_up() {
     let dir = setup("driver-sigkill");
-    let stub = dir.join("stub-vmm");
-    std::fs::write(
-        &stub,
-        format!("#!/usr/bin/env python3\ndelay = 0\n{STUB_VMM}"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let stub = write_stub(&dir, "0");
     std::fs::write(
         dir.join("hang.json"),
         r#"{"name":"hang","nodes":{"box":{"kernel":"kernel"}},"script":"box.start()\nbox.succeed('true')\nopen('started', 'w').close()\nimport time\ntime.sleep(600)\n"}"#,

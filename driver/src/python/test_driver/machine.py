@@ -24,7 +24,7 @@ import re
 import shlex
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import _skiff
 from test_driver.errors import (
@@ -805,7 +805,7 @@ class Machine:
         them), or None when a graphical session (X11 or Wayland) may own
         the screen."""
         status, out = self.execute(
-            "if ls /tmp/.X11-unix/X* /run/user/*/wayland-* >/dev/null 2>&1; then exit 3; fi; "
+            "for s in /tmp/.X11-unix/X* /run/user/*/wayland-*; do [ ! -e \"$s\" ] || exit 3; done; "
             "t=$(cat /sys/class/tty/tty0/active) && n=${t#tty} && "
             "set -- $(od -An -tu1 -N2 /dev/vcsa$n) && fold -w \"$2\" /dev/vcs$n",
             check_output=True,
@@ -816,41 +816,48 @@ class Machine:
             raise MachineError(f"{self.name}: cannot read the text of the VT on the screen: {out.strip()}")
         return out
 
-    def _ocr(self, variants: bool) -> List[str]:
+    def _ocr(self, variants: bool) -> Iterator[str]:
         """OCR of a screenshot with tesseract, as upstream does it; Debian's
         tesseract has no legacy engine, so only the LSTM model (--oem 1)
-        runs, on the picture and on its negative for the variants."""
+        runs, on the picture and, for the variants, on its negative. The
+        variants come one at a time, from one screenshot: a caller that has
+        what it looks for stops before the next OCR run."""
         import shutil
         import subprocess
         import tempfile
 
-        for tool, package in (("tesseract", "tesseract-ocr"), ("convert", "imagemagick")):
-            if shutil.which(tool) is None:
-                raise MachineError(
-                    f"{self.name}: reading text off a graphical screen needs {tool} (Debian: apt install {package})"
-                )
+        if shutil.which("tesseract") is None:
+            raise MachineError(
+                f"{self.name}: reading text off a graphical screen needs tesseract (Debian: apt install tesseract-ocr)"
+            )
+        # ImageMagick's converter: 7's `magick`, Debian's own name for 6's
+        # (not shadowed by another `convert` earlier in PATH), or `convert`.
+        convert = next((t for t in ("magick", "convert-im6.q16", "convert") if shutil.which(t)), None)
+        if convert is None:
+            raise MachineError(
+                f"{self.name}: reading text off a graphical screen needs ImageMagick's convert (Debian: apt install imagemagick)"
+            )
         with tempfile.TemporaryDirectory(prefix="skiff-ocr-") as tmp:
             png = os.path.join(tmp, "screen.png")
             self.qmp_client.send("screendump", {"filename": png, "format": "png"})
-            results = []
             for negate in ((False, True) if variants else (False,)):
                 tiff = os.path.join(tmp, f"screen-{int(negate)}.tiff")
                 magick = ["-filter", "Catrom", "-density", "72", "-resample", "300", "-contrast", "-normalize",
                           "-despeckle", "-type", "grayscale", "-sharpen", "1", "-posterize", "3"]
                 magick += ["-negate"] if negate else []
                 magick += ["-gamma", "100", "-blur", "1x65535"]
-                r = subprocess.run(["convert", *magick, png, f"tiff:{tiff}"], capture_output=True)
+                r = subprocess.run([convert, *magick, png, f"tiff:{tiff}"], capture_output=True)
                 if r.returncode != 0:
                     raise MachineError(f"{self.name}: convert failed: {r.stderr.decode(errors='replace')}")
                 r = subprocess.run(["tesseract", tiff, "-", "-c", "debug_file=/dev/null", "--psm", "11", "--oem", "1"],
                                    capture_output=True)
                 if r.returncode != 0:
                     raise MachineError(f"{self.name}: tesseract failed: {r.stderr.decode(errors='replace')}")
-                results.append(r.stdout.decode("utf-8", errors="replace"))
-            return results
+                yield r.stdout.decode("utf-8", errors="replace")
 
-    def _screen_text(self, variants: bool, source: str, say: bool = True) -> List[str]:
-        """The screen's text variants; `say` logs where they came from."""
+    def _screen_texts(self, variants: bool, source: str, say: bool = True) -> Iterator[str]:
+        """The screen's text variants, one at a time; `say` logs where
+        they come from."""
         if source not in ("auto", "vt", "ocr"):
             raise ValueError(f"source must be 'auto', 'vt' or 'ocr', not {source!r}")
         if source != "ocr":
@@ -858,12 +865,17 @@ class Machine:
             if text is not None:
                 if say:
                     self.log("screen text read from the VT (/dev/vcs), exactly")
-                return [text]
+                yield text
+                return
             if source == "vt":
                 raise MachineError(f"{self.name}: a graphical session owns the screen: there is no VT text to read")
         if say:
             self.log("screen text read by OCR (tesseract)")
-        return self._ocr(variants)
+        yield from self._ocr(variants)
+
+    def _screen_text(self, variants: bool, source: str, say: bool = True) -> List[str]:
+        """The screen's text variants; `say` logs where they came from."""
+        return list(self._screen_texts(variants, source, say))
 
     def get_screen_text_variants(self, source: str = "auto") -> List[str]:
         """The text on the screen. Beyond upstream: while a VT is on the
@@ -890,12 +902,20 @@ class Machine:
         tries = [0]
 
         def check(last_try: bool) -> bool:
-            # Where the text comes from is said on the first try and the last.
-            variants = self._screen_text(True, "auto", say=tries[0] == 0 or last_try)
+            # Where the text comes from is said on the first try and the
+            # last. The variants are read one by one, up to the first that
+            # matches (each OCR run takes seconds).
+            texts = self._screen_texts(True, "auto", say=tries[0] == 0 or last_try)
             tries[0] += 1
+            first = None
+            for text in texts:
+                if pattern.search(text):
+                    texts.close()
+                    return True
+                first = text if first is None else first
             if last_try:
-                self.log(f"Last chance to match /{regex}/ on the screen, which currently contains: {variants[0]!r}")
-            return any(pattern.search(v) for v in variants)
+                self.log(f"Last chance to match /{regex}/ on the screen, which currently contains: {first!r}")
+            return False
 
         with self.nested(f"waiting for {regex} to appear on screen"):
             retry(check, timeout)
@@ -948,9 +968,14 @@ class Machine:
     def wait_for_x(self, timeout: Duration = 900) -> None:
         """Waits until the guest's X11 server is up."""
 
+        # Upstream's check: a user manager reached graphical-session.target
+        # ("Current graphical user session"), and the socket is there. The
+        # target is named as systemd's StatusUnitFormat= names it: by its
+        # description (NixOS) or as "NAME - DESCRIPTION" (Debian's default).
         def check(_last_try: bool) -> bool:
             status, _ = self.execute(
-                'journalctl -b SYSLOG_IDENTIFIER=systemd | grep "Reached target Current graphical"'
+                "journalctl -b SYSLOG_IDENTIFIER=systemd | "
+                'grep -E "Reached target (graphical-session.target - )?Current graphical"'
             )
             if status != 0:
                 return False

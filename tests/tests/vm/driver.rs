@@ -189,3 +189,68 @@ fn every_machine_method_against_a_systemd_guest() {
     assert!(junit.contains("failures=\"0\""), "{junit}");
     assert_clean(api);
 }
+
+#[test]
+fn an_xterm_on_the_x11_screen() {
+    fixtures();
+    assert!(
+        cache_dir().join("guest/rootfs-x11.ext4").is_file(),
+        "rootfs-x11.ext4 is missing: run tests/guest/build"
+    );
+    let dir = scratch_dir("driver-x11");
+    let o = run_batch(
+        "driver-x11",
+        3072,
+        &[skiff_run(
+            "xterm",
+            "tests/nixos/xterm.json",
+            &dir.join("xterm"),
+            1500,
+        )],
+    );
+    let xterm = &o[0];
+    assert_eq!(exit_of(xterm), 0, "{}", xterm.serial);
+    for text in [
+        "screen text read by OCR (tesseract)",
+        "test script finished in",
+    ] {
+        assert!(
+            xterm.serial.contains(text),
+            "missing {text:?}:\n{}",
+            xterm.serial
+        );
+    }
+    let junit = read(&dir.join("xterm/junit.xml"));
+    for case in [
+        "an xterm opens and has the focus",
+        "text typed into the xterm runs",
+        "the screen",
+    ] {
+        assert!(junit.contains(&format!("name=\"{case}\"")), "{junit}");
+    }
+    assert!(junit.contains("failures=\"0\""), "{junit}");
+
+    // The screenshot is the screen's size and shows the full-screen xterm:
+    // mostly its white background, with dark text on it.
+    let png = read_bytes(&dir.join("xterm/xterm.png"));
+    let decoder = png::Decoder::new(std::io::Cursor::new(png));
+    let mut reader = decoder.read_info().expect("xterm.png decodes");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader
+        .next_frame(&mut pixels)
+        .expect("xterm.png has a frame");
+    assert_eq!((frame.width, frame.height), (640, 480));
+    assert_eq!(frame.color_type, png::ColorType::Rgb, "{frame:?}");
+    let luma: Vec<u32> = pixels[..frame.buffer_size()]
+        .chunks_exact(3)
+        .map(|p| (u32::from(p[0]) + u32::from(p[1]) + u32::from(p[2])) / 3)
+        .collect();
+    let light = luma.iter().filter(|&&l| l > 200).count();
+    let dark = luma.iter().filter(|&&l| l < 60).count();
+    assert!(
+        light > luma.len() / 2 && dark > 400,
+        "xterm.png: {light} light and {dark} dark pixels of {}",
+        luma.len()
+    );
+    assert_clean(xterm);
+}

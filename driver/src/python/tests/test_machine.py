@@ -466,7 +466,7 @@ class DisplayTest(DriverTestCase):
     def test_screen_text_is_the_vts_when_no_graphical_session_runs(self) -> None:
         class ByPrefix(dict):
             def get(self, command, default=None):
-                if command.startswith("if ls /tmp/.X11-unix"):
+                if command.startswith("for s in /tmp/.X11-unix/X*"):
                     return (0, b"login: root\n~ #\n")
                 return default
 
@@ -476,6 +476,28 @@ class DisplayTest(DriverTestCase):
         self.machine.wait_for_text("~ #", timeout=5)
         with self.assertRaises(ValueError):
             self.machine.get_screen_text(source="guess")
+
+    def test_wait_for_text_reads_ocr_variants_until_one_matches(self) -> None:
+        class GraphicalSession(dict):
+            def get(self, command, default=None):
+                if command.startswith("for s in /tmp/.X11-unix/X*"):
+                    return (3, b"")
+                return default
+
+        self.core.results = GraphicalSession()
+        passes = []
+
+        def ocr(variants):
+            for text in ("xterm says hello", "negative"):
+                passes.append(text)
+                yield text
+
+        self.machine._ocr = ocr
+        self.machine.wait_for_text("says hello", timeout=5)
+        self.assertEqual(passes, ["xterm says hello"])
+        self.assertEqual(self.machine.get_screen_text_variants(), ["xterm says hello", "negative"])
+        with self.assertRaisesRegex(MachineError, "no VT text"):
+            self.machine.get_screen_text(source="vt")
 
 
 if __name__ == "__main__":

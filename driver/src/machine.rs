@@ -671,6 +671,11 @@ impl Machine {
                     .set_nonblocking(true)
                     .map_err(|e| self.fail(e.to_string()))?;
                 *l = Some(listener);
+            } else if let Some(listener) = l.as_ref() {
+                // Connections still queued come from VMMs that have exited
+                // (one that was stopped before its shell was used): the
+                // next accept must be the new VMM's, not a dead one's.
+                while listener.accept().is_ok() {}
             }
         }
         *lock(&self.0.console) = Console::default();

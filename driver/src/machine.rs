@@ -1071,6 +1071,13 @@ impl Machine {
         timeout: Option<u64>,
         stream: bool,
     ) -> Result<(i32, Vec<u8>), MachineError> {
+        // A shell is still held when its VMM exited and nothing waited for
+        // that (wait_for_shutdown, shutdown, crash): the VM died under the
+        // test. The command fails with why, as upstream's fails on the dead
+        // connection, instead of booting a new VM behind the script's back.
+        if !self.running() && lock(&self.0.shell).take().is_some() {
+            return Err(self.died(&format!("running `{command}`")));
+        }
         self.connect(None)?;
         let mut guard = lock(&self.0.shell);
         let generation = lock(&self.0.proc).generation;
@@ -1093,9 +1100,15 @@ impl Machine {
             Err(e) => {
                 *guard = None;
                 drop(guard);
+                // A connection that broke (closed, reset) as the VMM died
+                // is reported as the VMM's death, with its status and last
+                // serial lines: the reaper may not have seen the exit yet.
+                let broken = matches!(
+                    e,
+                    ShellError::Closed | ShellError::Io(_) | ShellError::Stopped(Stop::VmExited)
+                );
                 if !self.running()
-                    || matches!(e, ShellError::Closed)
-                        && self.wait_exit(Some(Duration::from_secs(2))).is_some()
+                    || broken && self.wait_exit(Some(Duration::from_secs(2))).is_some()
                 {
                     Err(self.died(&format!("running `{command}`")))
                 } else {
@@ -1143,7 +1156,11 @@ impl Machine {
         let mut p = lock(&self.0.proc);
         loop {
             if p.pid.is_none() && !p.restarting {
-                return Some(p.exit.unwrap_or(0));
+                let code = p.exit.unwrap_or(0);
+                drop(p);
+                // The exit was seen: its shell is done with.
+                *lock(&self.0.shell) = None;
+                return Some(code);
             }
             let wait = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {

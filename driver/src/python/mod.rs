@@ -584,15 +584,28 @@ pub fn run(spec: RunSpec<'_>) -> anyhow::Result<i32> {
             })
             .collect();
         kwargs.set_item("vlans", vlans)?;
-        let status = module
-            .getattr("main")?
-            .call((), Some(&kwargs))
-            .map_err(|e| {
-                e.print(py);
-                anyhow::anyhow!("the Python driver failed")
-            })?;
+        let status = module.getattr("main")?.call((), Some(&kwargs));
+        flush_std_streams(py);
+        let status = status.map_err(|e| {
+            e.print(py);
+            flush_std_streams(py);
+            anyhow::anyhow!("the Python driver failed")
+        })?;
         Ok(status.extract()?)
     })
+}
+
+/// Flushes Python's sys.stdout and sys.stderr: the embedded interpreter is
+/// never finalized, so what a script printed into a pipe or a file would
+/// otherwise be lost with their buffers.
+fn flush_std_streams(py: Python<'_>) {
+    if let Ok(sys) = py.import("sys") {
+        for name in ["stdout", "stderr"] {
+            if let Ok(stream) = sys.getattr(name) {
+                let _ = stream.call_method0("flush");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

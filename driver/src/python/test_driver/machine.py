@@ -258,8 +258,10 @@ class Machine:
     def wait_for_shutdown(self) -> None:
         """Waits, without a timeout, until skiff-vmm exits (the guest
         powered off, crashed, or rebooted without `allow_reboot`). A line
-        every 15 s says it still waits."""
+        every 15 s says it still waits. The exit counts as seen: the next
+        command starts the machine again (one nobody waited for fails it)."""
         if not self._core.running:
+            self._core.wait_exit(0.0)
             return
         with self.nested("waiting for the VM to power off"):
             start = time.monotonic()

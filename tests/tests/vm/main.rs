@@ -16,6 +16,7 @@ mod boot;
 mod cache;
 mod driver;
 mod exits;
+mod faults;
 mod hostile;
 mod net;
 mod nix;

@@ -253,10 +253,14 @@ impl Console {
             // and the count passed is 1; `fd` is the open socket this device
             // owns (it is not closed while `self` is borrowed).
             let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if ret <= 0 {
-                // Timed out, or interrupted by a kick: the event loop takes
-                // over.
+            if ret < 0 {
+                // Interrupted by a kick: the event loop takes over.
                 return;
+            }
+            if ret == 0 {
+                // Timed out: the deadline above decides (a timer may fire
+                // a hair before the monotonic clock reaches it).
+                continue;
             }
             self.process_tx();
         }

@@ -18,7 +18,13 @@ use skiff_tests::{scratch_dir, skiff_driver, workspace_root};
 /// substituters (no DNS retries), builds as root without a sandbox.
 const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false";
 
+/// One nix-instantiate at a time: the tests run in parallel threads, and
+/// Debian's Nix 2.8 fails a second writer of its SQLite store database
+/// ("database is busy") instead of waiting for the first.
+static NIX_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn nix(args: &[&str]) -> (bool, String, String) {
+    let _one_at_a_time = NIX_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new("nix-instantiate")
         .args(args)
         .current_dir(workspace_root())

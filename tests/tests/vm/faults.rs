@@ -1,8 +1,9 @@
 //! Faults and load around the driver (tests/nixos/faults/), in one test
 //! host: skiff-vmm killed under a test in a `--jobs` run of thirty other
-//! tests, an overlay disk whose file system fills up, and a few hundred VM
-//! starts and stops in one driver process.
+//! tests, an overlay disk whose file system fills up, and sixty VM starts
+//! and stops in one driver process.
 
+use crate::driver::read;
 use skiff_tests::{
     assert_clean, exit_of, fixtures, run_batch, scratch_dir, skiff_run, skiff_run_env,
     workspace_root, VmOutcome, VmSpec,
@@ -12,10 +13,6 @@ use skiff_tests::{
 const LOAD_TESTS: usize = 30;
 /// Start/stop rounds of the starts test (its script takes `SKIFF_STARTS`).
 const STARTS: usize = 60;
-
-fn read(p: &std::path::Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-}
 
 /// A run whose shell `setup` runs first and `after` last, around a
 /// `skiff test` run (`skiff_run_env`'s script).

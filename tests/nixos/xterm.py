@@ -29,7 +29,7 @@ with subtest("text typed into the xterm runs"):
 
 with subtest("the screen"):
     machine.send_chars("clear; echo SKIFFXTERM$((40 + 2))\n")
-    machine.wait_for_text("SKIFFXTERM42", timeout=300)
+    machine.wait_for_text("SKIFFXTERM42", timeout=900)
     machine.screenshot("xterm")
 
 machine.shutdown()

@@ -205,7 +205,7 @@ fn an_xterm_on_the_x11_screen() {
             "xterm",
             "tests/nixos/xterm.json",
             &dir.join("xterm"),
-            1500,
+            2400,
         )],
     );
     let xterm = &o[0];

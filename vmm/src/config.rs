@@ -486,6 +486,18 @@ pub struct VmConfig {
     /// Start with the vCPUs paused (QEMU's -S), until QMP/HMP `cont`.
     #[arg(short = 'S', long)]
     pub paused: bool,
+
+    /// What a system call outside a thread's seccomp allow-list does: kill
+    /// (the VM ends with status 5 and a log line naming the thread and the
+    /// call), log (allowed, recorded in the kernel's audit log) or off (no
+    /// filter).
+    #[arg(
+        long,
+        value_name = "off|log|kill",
+        default_value = "kill",
+        env = "SKIFF_SECCOMP"
+    )]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// `--incoming file:DIR`: the snapshot directory.
@@ -523,6 +535,7 @@ impl VmConfig {
             incoming: None,
             incoming_memory: crate::memory::RestoreMemory::Map,
             paused: false,
+            seccomp: crate::seccomp::SeccompMode::Kill,
         }
     }
 
@@ -599,6 +612,9 @@ impl VmConfig {
         }
         if self.paused {
             a.push("--paused".into());
+        }
+        if self.seccomp != crate::seccomp::SeccompMode::Kill {
+            a.push(format!("--seccomp={}", self.seccomp));
         }
         a
     }
@@ -857,6 +873,11 @@ mod tests {
             c.incoming_memory = crate::memory::RestoreMemory::Copy;
         }
         c.paused = r.flip();
+        c.seccomp = [
+            crate::seccomp::SeccompMode::Off,
+            crate::seccomp::SeccompMode::Log,
+            crate::seccomp::SeccompMode::Kill,
+        ][r.below(3) as usize];
         c
     }
 

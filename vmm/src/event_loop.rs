@@ -414,10 +414,13 @@ pub fn spawn(
     }
     std::thread::Builder::new()
         .name("devices".into())
-        .spawn(move || loop {
-            if let Err(e) = manager.run() {
-                warn!("device event loop: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+        .spawn(move || {
+            crate::seccomp::enter_or_end(crate::seccomp::ThreadKind::Devices);
+            loop {
+                if let Err(e) = manager.run() {
+                    warn!("device event loop: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         })
 }

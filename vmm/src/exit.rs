@@ -106,7 +106,7 @@ impl ExitStatus {
             }
             ExitStatus::Panic => "the guest kernel panicked (reported through the pvpanic device)",
             ExitStatus::Crash => {
-                "the guest crashed: triple fault, KVM internal error or an exit skiff-vmm cannot handle; the log names the reason and the registers"
+                "the guest crashed (triple fault, KVM internal error or an exit skiff-vmm cannot handle; the log names the reason and the registers), or a skiff-vmm thread made a system call its seccomp filter forbids (the log names the thread and the call)"
             }
         }
     }

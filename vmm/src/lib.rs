@@ -23,6 +23,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 pub mod stats;
 pub mod sync;

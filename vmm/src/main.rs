@@ -11,7 +11,11 @@ use skiff_vmm::{ExitStatus, Vm, VmConfig};
 
 const ENVIRONMENT: &str = "\
 ENVIRONMENT:
-  RUST_LOG  log filter (default: info), e.g. RUST_LOG=debug";
+  RUST_LOG             log filter (default: info), e.g. RUST_LOG=debug
+  SKIFF_SECCOMP        the --seccomp mode when the option is not given
+  SKIFF_SECCOMP_PROBE  debug builds only: the thread (vcpu0, devices, monitors,
+                       keyboard, main) that makes one forbidden system call
+                       right after installing its seccomp filter";
 
 /// Boot a Linux kernel straight into KVM: no firmware, an 8250 console on
 /// ttyS0, ACPI power management.

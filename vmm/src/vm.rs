@@ -42,6 +42,7 @@ use crate::event_loop::{
 use crate::exit::ExitReason;
 use crate::layout::SERIAL_PORT;
 use crate::memory::GuestRam;
+use crate::seccomp;
 use crate::snapshot::{
     self, HostCpu, MachineShape, NamedTransport, SnapshotError, VmSnapshot, VmState,
 };
@@ -156,6 +157,10 @@ impl Vm {
             ),
         }
         pause::install_kick_handler().map_err(setup_err("the vCPU kick signal"))?;
+        seccomp::init(self.config.seccomp, &self.config.name).map_err(|e| VmError::Setup {
+            what: "the seccomp filters",
+            detail: e.to_string(),
+        })?;
         let coalesced = self.coalesce_serial_output();
 
         let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> =
@@ -254,7 +259,8 @@ impl Vm {
         };
 
         // Everything else happens on other threads; this one waits for the
-        // end.
+        // end, confined last.
+        seccomp::enter_or_end(seccomp::ThreadKind::Main);
         let reason = self.main.rx.recv().map_err(|_| VmError::Setup {
             what: "the VM event channel",
             detail: "all senders are gone".into(),

@@ -206,6 +206,7 @@ fn start_timeline(keyboard: InputSender) -> Timeline {
     let spawned = std::thread::Builder::new()
         .name("keyboard".into())
         .spawn(move || {
+            crate::seccomp::enter_or_end(crate::seccomp::ThreadKind::Keyboard);
             for t in rx {
                 if let Err(e) = keyboard.send(&t.events) {
                     log::warn!("keyboard: a key event was not sent: {e}");

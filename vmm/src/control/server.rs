@@ -117,6 +117,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("monitors".into())
         .spawn(move || {
+            crate::seccomp::enter_or_end(crate::seccomp::ThreadKind::Monitors);
             runtime.block_on(serve(sockets, machine, events, closing_rx));
             let _ = done_tx.send(());
         })?;

@@ -49,6 +49,7 @@ enum Next {
 impl VcpuContext {
     /// Runs `vcpu` until the VM ends, then parks the thread for good.
     pub(crate) fn run(self, mut vcpu: VcpuFd) {
+        crate::seccomp::enter_or_end(crate::seccomp::ThreadKind::Vcpu);
         self.vcpus.started(self.index);
         // A VM started paused (-S) parks here, before its first entry.
         self.vcpus.checkpoint(self.index, &mut vcpu);

@@ -613,6 +613,16 @@ pub fn run_batch_with(
         "( while :; do date +%s > '{}/heartbeat'; sleep {HEARTBEAT_INTERVAL_S}; done ) & heartbeat=$!",
         dir.display()
     );
+    // `SKIFF_SECCOMP=log` runs every skiff-vmm of the suite with logging
+    // seccomp filters (the way their allow-lists are checked); the kernel
+    // records each call outside a list, collected after the batch. Only
+    // inside the test host is its printk rate limit lifted, so none is lost.
+    if let Ok(seccomp) = std::env::var("SKIFF_SECCOMP") {
+        let _ = writeln!(script, "export SKIFF_SECCOMP={}", shell_quote(&seccomp));
+        if mode() == Mode::TestHost {
+            let _ = writeln!(script, "sysctl -qw kernel.printk_ratelimit=0");
+        }
+    }
     for (i, spec) in specs.iter().enumerate() {
         let args: Vec<String> = spec.args.iter().map(|a| shell_quote(a)).collect();
         let out = format!("{}/{i}.serial", dir.display());
@@ -643,6 +653,11 @@ pub fn run_batch_with(
             }
         }
     }
+    let _ = writeln!(
+        script,
+        "dmesg 2>/dev/null | grep 'type=1326' > '{}/seccomp-audit.log'",
+        dir.display()
+    );
     let _ = writeln!(script, "kill $heartbeat");
     let script_path = dir.join("batch.sh");
     std::fs::write(&script_path, script).expect("write batch script");

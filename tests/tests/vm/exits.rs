@@ -1,7 +1,9 @@
-//! How a VM ends: reboot, kernel panic, triple fault and SIGTERM each give
-//! skiff-vmm's documented exit status and log line.
+//! How a VM ends: reboot, kernel panic, triple fault, SIGTERM and a
+//! system call outside a thread's seccomp allow-list each give skiff-vmm's
+//! documented exit status and log line.
 
-use skiff_tests::{fixtures, run_batch, scratch_dir, VmSpec};
+use skiff_tests::{fixtures, run_batch, scratch_dir, skiff_vmm, VmSpec};
+use skiff_vmm::seccomp::SeccompMode;
 use skiff_vmm::VmConfig;
 
 /// The busybox guest on `kernel` with `cmdline`; the rest as skiff-vmm's
@@ -47,6 +49,17 @@ fn triple_fault_elf(path: &std::path::Path) {
     std::fs::write(path, elf).unwrap();
 }
 
+/// `config` run with `SKIFF_SECCOMP_PROBE=thread`: in a debug build, that
+/// thread makes one system call outside its list (getppid) right after it
+/// installs its filter.
+fn probed(name: &str, thread: &str, config: VmConfig) -> VmSpec {
+    let mut spec = VmSpec::raw(name, vec![format!("SKIFF_SECCOMP_PROBE={thread}")]);
+    spec.args.push(skiff_vmm().display().to_string());
+    spec.args.extend(config.to_args());
+    spec.program = Some("env".into());
+    spec
+}
+
 #[test]
 fn reboot_panic_triple_fault_and_sigterm_give_documented_statuses() {
     let f = fixtures();
@@ -77,6 +90,35 @@ fn reboot_panic_triple_fault_and_sigterm_give_documented_statuses() {
         ),
         VmSpec::new("triple-fault", VmConfig::new(&bad_kernel)),
         sigterm,
+        // The main thread confines itself last, once the guest runs.
+        probed(
+            "seccomp-main",
+            "main",
+            guest(&f.microvm, "console=ttyS0 skiff.action=sleep"),
+        ),
+        probed(
+            "seccomp-vcpu",
+            "vcpu0",
+            guest(&f.microvm, "console=ttyS0 skiff.action=sleep"),
+        ),
+        VmSpec::shell(
+            "seccomp-log",
+            format!(
+                "SKIFF_SECCOMP_PROBE=devices {} {}; echo \"status=$?\"; \
+                 dmesg | grep 'type=1326' | grep 'comm=\"devices\"' | grep ' syscall=110 '",
+                skiff_vmm().display(),
+                VmConfig {
+                    seccomp: SeccompMode::Log,
+                    ..guest(&f.microvm, "console=ttyS0 skiff.action=poweroff")
+                }
+                .to_args()
+                .iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+            ),
+            300,
+        ),
     ];
     let o = run_batch("exits", 2048, &specs);
 
@@ -117,4 +159,27 @@ fn reboot_panic_triple_fault_and_sigterm_give_documented_statuses() {
     let st = &o[5];
     assert_eq!(st.status, Some(0), "SIGTERM:\n{}", st.describe());
     assert!(st.log.contains("stopped by SIGTERM"), "{}", st.describe());
+
+    for (probe, thread) in o[6..8].iter().zip(["main", "vcpu0"]) {
+        assert_eq!(probe.status, Some(5), "seccomp:\n{}", probe.describe());
+        let line = format!(
+            "] seccomp: thread {thread} made system call 110 (getppid), which its filter forbids; \
+             the VM ends with status 5"
+        );
+        assert!(probe.log.contains(&line), "{}", probe.describe());
+    }
+    // In log mode the call goes through, the kernel records it, and the
+    // guest runs to its power-off.
+    let log = &o[8];
+    assert_eq!(log.status, Some(0), "seccomp log:\n{}", log.describe());
+    assert!(
+        log.serial.contains("skiff-guest: init ready") && log.serial.contains("status=0"),
+        "{}",
+        log.describe()
+    );
+    assert!(
+        log.serial.contains("audit: type=1326") && log.serial.contains("comm=\"devices\""),
+        "the kernel's record of the call:\n{}",
+        log.describe()
+    );
 }

@@ -573,6 +573,7 @@ fn hung_host_report(dir: &Path) -> String {
             Ok(replies) => report.push_str(&replies),
         }
     }
+    report.push_str(&name_addresses(&report, &symbol_maps(dir)));
     let console = std::fs::read_to_string(dir.join("host-console.log")).unwrap_or_default();
     let _ = writeln!(
         report,
@@ -580,6 +581,101 @@ fn hung_host_report(dir: &Path) -> String {
         last_lines(&console, 60)
     );
     report
+}
+
+/// The symbol tables a hung test host's instruction pointers may fall in:
+/// the emulated CPU is either in the test host's own kernel (its
+/// /proc/kallsyms, saved by the batch script: the kernel's own symbols once
+/// per release, as it boots with `nokaslr`, and its modules', kvm_amd
+/// among them, per boot) or in a nested guest's, the microVM kernel (built
+/// without KASLR; its System.map is kept with the kernel build). The
+/// monitor cannot tell which, so each is tried.
+fn symbol_maps(dir: &Path) -> Vec<(String, String)> {
+    let mut maps = Vec::new();
+    let mut host = String::new();
+    if let Ok(entries) = std::fs::read_dir(cache_dir().join("testhost")) {
+        let mut found: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("kallsyms-"))
+            })
+            .collect();
+        found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        if let Some(p) = found.pop() {
+            host = std::fs::read_to_string(p).unwrap_or_default();
+        }
+    }
+    host.push_str(&std::fs::read_to_string(dir.join("modules.kallsyms")).unwrap_or_default());
+    if !host.is_empty() {
+        maps.push(("the test host's kernel".to_owned(), host));
+    }
+    let microvm = cache_dir().join("kernel-build/src/System.map");
+    if let Ok(map) = std::fs::read_to_string(microvm) {
+        maps.push(("the microVM kernel".to_owned(), map));
+    }
+    maps
+}
+
+/// `addr` as `symbol+0xoffset` in `map` (System.map text): the nearest
+/// code symbol at or below it, within 64 KiB.
+fn symbolize(map: &str, addr: u64) -> Option<String> {
+    let mut best: Option<(u64, &str)> = None;
+    for line in map.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(a), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if !matches!(kind, "t" | "T" | "w" | "W") {
+            continue;
+        }
+        let Ok(a) = u64::from_str_radix(a, 16) else {
+            continue;
+        };
+        if a <= addr && best.is_none_or(|(b, _)| a > b) {
+            best = Some((a, name));
+        }
+    }
+    best.filter(|(a, _)| addr - a < 0x1_0000)
+        .map(|(a, name)| format!("{name}+{:#x}", addr - a))
+}
+
+/// A line per distinct `RIP=` in `report`, named in each of `maps`.
+fn name_addresses(report: &str, maps: &[(String, String)]) -> String {
+    let mut seen = Vec::new();
+    for word in report.split_whitespace() {
+        if let Some(addr) = word
+            .strip_prefix("RIP=")
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+        {
+            if !seen.contains(&addr) {
+                seen.push(addr);
+            }
+        }
+    }
+    let mut out = String::new();
+    for addr in seen {
+        let names: Vec<String> = maps
+            .iter()
+            .map(|(what, map)| {
+                format!(
+                    "{} in {what}",
+                    symbolize(map, addr).unwrap_or_else(|| "nothing".into())
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "RIP {addr:016x}: {}",
+            if names.is_empty() {
+                "no System.map to name it".to_owned()
+            } else {
+                names.join("; ")
+            }
+        );
+    }
+    out
 }
 
 /// Runs `specs` one after another, in the test host or directly (see
@@ -622,6 +718,19 @@ pub fn run_batch_with(
         if mode() == Mode::TestHost {
             let _ = writeln!(script, "sysctl -qw kernel.printk_ratelimit=0");
         }
+    }
+    if mode() == Mode::TestHost {
+        // Symbols to name a hung test host's instruction pointer with.
+        let _ = writeln!(
+            script,
+            "k={}/kallsyms-$(uname -r); [ -s \"$k\" ] || {{ grep -v '\\[' /proc/kallsyms > \"$k.$$\" && mv \"$k.$$\" \"$k\"; }}",
+            shell_quote(&cache_dir().join("testhost").display().to_string())
+        );
+        let _ = writeln!(
+            script,
+            "grep '\\[' /proc/kallsyms > '{}/modules.kallsyms'",
+            dir.display()
+        );
     }
     for (i, spec) in specs.iter().enumerate() {
         let args: Vec<String> = spec.args.iter().map(|a| shell_quote(a)).collect();
@@ -879,6 +988,29 @@ mod tests {
         assert!(report.contains("console line 100"), "{report}");
         assert!(report.contains("console line 41\n"), "{report}");
         assert!(!report.contains("console line 40\n"), "{report}");
+    }
+
+    #[test]
+    fn hung_host_addresses_are_named_in_each_kernel() {
+        let host = "ffffffff81000000 T _text\nffffffff81567c60 T queued_spin_lock_slowpath\n\
+                    ffffffff81567d00 t other\nffffffff82000000 D some_data\n";
+        let guest = "ffffffff81000000 T _text\nffffffff81567c80 W native_safe_halt\n";
+        let maps = [
+            ("the test host's kernel".to_owned(), host.to_owned()),
+            ("the microVM kernel".to_owned(), guest.to_owned()),
+        ];
+        let report =
+            "RIP=ffffffff81567c83 RFL=00000002\nRIP=ffffffff81567c83\nRIP=ffffffff82000010\n";
+        assert_eq!(
+            name_addresses(report, &maps),
+            "RIP ffffffff81567c83: queued_spin_lock_slowpath+0x23 in the test host's kernel; \
+             native_safe_halt+0x3 in the microVM kernel\n\
+             RIP ffffffff82000010: nothing in the test host's kernel; nothing in the microVM kernel\n"
+        );
+        assert_eq!(
+            name_addresses("RIP=0000000000001000", &[]),
+            "RIP 0000000000001000: no System.map to name it\n"
+        );
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! (transmitq) from the guest to the socket. Features: the MAC address in
 //! config space (`MAC`), the link state (`STATUS`, switched by
 //! [`Net::set_link`], which the guest sees as carrier), mergeable receive
-//! buffers (`MRG_RXBUF`), EVENT_IDX. No checksum or segmentation offload:
-//! every frame is a plain Ethernet frame with a zeroed virtio-net header.
+//! buffers (`MRG_RXBUF`), EVENT_IDX, and checksum and TCP segmentation
+//! offload (`CSUM`, `GUEST_CSUM`, `HOST_TSO4`, `HOST_TSO6`), which the card
+//! completes itself since the socket carries plain frames (`net/offload.rs`).
 //!
 //! Flow control never blocks a vCPU or the event loop and loses nothing it
 //! does not count (frames in the output buffer when the connection is lost
@@ -36,6 +37,7 @@
 //! The tests, which drive the device through a peer socket, are in
 //! `net/tests.rs`.
 
+mod offload;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -55,6 +57,10 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use self::offload::{checksum_verified, TxHeader, HDR_F_DATA_VALID, OFFLOAD_FEATURES};
+pub use self::offload::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+};
 use self::stream::{Io, Stream};
 pub use self::stream::{ETH_HLEN, MAX_FRAME_LEN};
 use super::queue::{drain, ChainError, Drained, Handled};
@@ -236,6 +242,10 @@ pub struct Net {
     timer_armed: bool,
     state: DeviceState,
     mergeable: bool,
+    /// The offload features the driver acked.
+    offloads: u64,
+    /// Segments being built from a large transmit frame.
+    tx_segment: Vec<u8>,
     /// No receive buffer left: the socket is not read until the guest
     /// posts some.
     rx_stalled: bool,
@@ -295,6 +305,8 @@ impl Net {
             timer_armed: false,
             state: DeviceState::Inactive,
             mergeable: false,
+            offloads: 0,
+            tx_segment: Vec::new(),
             rx_stalled: false,
             registered: None,
             counters: NetCounters::default(),
@@ -354,24 +366,39 @@ impl Net {
             let Some(active) = self.state.running() else {
                 return;
             };
-            let (stream, frame, counters) =
-                (&mut self.stream, &mut self.tx_frame, &mut self.counters);
+            let (stream, frame, counters, segment) = (
+                &mut self.stream,
+                &mut self.tx_frame,
+                &mut self.counters,
+                &mut self.tx_segment,
+            );
             let link_up = self.link_up;
+            let offloads = self.offloads;
             let drained = drain(
                 active,
                 TRANSMITQ,
                 Some(TX_CHAINS_PER_EVENT),
                 |mem, chain| {
-                    if let Err(e) = read_tx_frame(mem, chain, frame) {
-                        return Handled::Malformed(e);
-                    }
+                    let header = match read_tx_frame(mem, chain, frame) {
+                        Ok(h) => h,
+                        Err(e) => return Handled::Malformed(e),
+                    };
                     if !link_up || !stream.connected() {
                         counters.tx_dropped += 1;
                         return Handled::Used(0);
                     }
-                    stream.push(frame);
-                    counters.tx_frames += 1;
-                    counters.tx_bytes += frame.len() as u64;
+                    let mut send = |f: &[u8]| {
+                        stream.push(f);
+                        counters.tx_frames += 1;
+                        counters.tx_bytes += f.len() as u64;
+                    };
+                    if header.is_plain() {
+                        send(frame);
+                    } else if let Err(e) =
+                        offload::transmit(&header, offloads, frame, segment, &mut send)
+                    {
+                        return Handled::Malformed(ChainError::Invalid(e));
+                    }
                     if stream.output_full() && stream.flush() == Io::WouldBlock {
                         return Handled::UsedAndStop(0);
                     }
@@ -423,19 +450,20 @@ impl Net {
             }
             return;
         }
-        let mergeable = self.mergeable;
         loop {
             let Some(active) = self.state.running() else {
                 return;
             };
-            let max_chains =
-                usize::from(active.queues[RECEIVEQ].size()).min(MAX_RX_CHAINS_PER_FRAME);
+            let mode = RxMode {
+                mergeable: self.mergeable,
+                guest_csum: self.offloads & VIRTIO_NET_F_GUEST_CSUM != 0,
+                max_chains: usize::from(active.queues[RECEIVEQ].size())
+                    .min(MAX_RX_CHAINS_PER_FRAME),
+            };
             let (stream, counters) = (&mut self.stream, &mut self.counters);
             let mut unit = RxUnit::default();
             let drained = drain(active, RECEIVEQ, None, |mem, chain| {
-                let handled = receive_into(
-                    mem, chain, stream, counters, &mut unit, mergeable, max_chains,
-                );
+                let handled = receive_into(mem, chain, stream, counters, &mut unit, mode);
                 if matches!(handled, Handled::Malformed(_)) {
                     // The chains of the frame so far are completed empty;
                     // the frame starts over in the next chain.
@@ -510,13 +538,14 @@ impl Net {
     }
 }
 
-/// Copies the frame of transmit chain `chain` into `frame`, checking the
-/// chain: device-readable buffers only, a header, at most a frame.
+/// Copies the frame of transmit chain `chain` into `frame` and returns its
+/// header, checking the chain: device-readable buffers only, a header, at
+/// most a frame (up to 64 KiB: a segment the card is to cut).
 fn read_tx_frame(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     frame: &mut Vec<u8>,
-) -> Result<(), ChainError> {
+) -> Result<TxHeader, ChainError> {
     if chain.clone().any(|d| d.is_write_only()) {
         return Err(ChainError::Invalid("a transmit buffer is device-writable"));
     }
@@ -530,11 +559,20 @@ fn read_tx_frame(
     if total - NET_HDR_LEN > MAX_FRAME_LEN {
         return Err(ChainError::Invalid("longer than an Ethernet frame"));
     }
-    // No offload was offered, so the header carries nothing to act on.
     let mut header = [0u8; NET_HDR_LEN];
     reader.read_exact(&mut header).map_err(ChainError::Read)?;
     frame.resize(total - NET_HDR_LEN, 0);
-    reader.read_exact(frame).map_err(ChainError::Read)
+    reader.read_exact(frame).map_err(ChainError::Read)?;
+    Ok(TxHeader::parse(&header))
+}
+
+/// What the driver negotiated for receiving, and the most chains a frame
+/// may take.
+#[derive(Clone, Copy)]
+struct RxMode {
+    mergeable: bool,
+    guest_csum: bool,
+    max_chains: usize,
 }
 
 /// The receive handler: writes (part of) the next whole frame of `stream`
@@ -548,9 +586,13 @@ fn receive_into(
     stream: &mut Stream,
     counters: &mut NetCounters,
     unit: &mut RxUnit,
-    mergeable: bool,
-    max_chains: usize,
+    mode: RxMode,
 ) -> Handled {
+    let RxMode {
+        mergeable,
+        guest_csum,
+        max_chains,
+    } = mode;
     if chain.clone().any(|d| !d.is_write_only()) {
         return Handled::Malformed(ChainError::Invalid("a receive buffer is device-readable"));
     }
@@ -587,6 +629,9 @@ fn receive_into(
     let mut wrote = 0usize;
     if first {
         let mut header = [0u8; NET_HDR_LEN];
+        if guest_csum && checksum_verified(frame) {
+            header[0] = HDR_F_DATA_VALID;
+        }
         header[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
         if let Err(e) = writer.write_all(&header) {
             return Handled::Malformed(ChainError::Read(e));
@@ -747,6 +792,7 @@ impl VirtioDevice for Net {
             | VIRTIO_NET_F_MAC
             | VIRTIO_NET_F_STATUS
             | VIRTIO_NET_F_MRG_RXBUF
+            | OFFLOAD_FEATURES
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -763,6 +809,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.mergeable = ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        self.offloads = ctx.acked_features & OFFLOAD_FEATURES;
         let name = self.name.clone();
         self.state.activate(ctx, &self.interrupt, &name, 2)?;
         self.rx_stalled = false;

@@ -44,16 +44,23 @@ impl<'a> Setup<'a> {
 
     /// [`Setup::new`] with a receive queue of `rx_size` entries.
     fn with_rx_queue(mem: &'a GuestMemoryMmap, mergeable: bool, rx_size: u16) -> Self {
+        let drop = if mergeable { 0 } else { VIRTIO_NET_F_MRG_RXBUF };
+        Self::build(mem, drop, rx_size)
+    }
+
+    /// A card with every feature it offers acked but those in `drop`.
+    fn without(mem: &'a GuestMemoryMmap, drop: u64) -> Self {
+        Self::build(mem, drop, QUEUE_SIZE)
+    }
+
+    fn build(mem: &'a GuestMemoryMmap, drop: u64, rx_size: u16) -> Self {
         let (ours, peer) = UnixStream::pair().unwrap();
         let looped = Looped::new(|irq| Net::from_socket(ours, MAC, irq).unwrap());
         let rx = TestQueue::new(mem, RXQ_ADDR, rx_size);
         let tx = TestQueue::new(mem, TXQ_ADDR, QUEUE_SIZE);
         {
             let mut dev = looped.lock();
-            let mut features = dev.features();
-            if !mergeable {
-                features &= !VIRTIO_NET_F_MRG_RXBUF;
-            }
+            let features = dev.features() & !drop;
             let queues = vec![rx.queue(), tx.queue()];
             dev.activate(ActivateContext {
                 mem: mem.clone(),
@@ -91,6 +98,16 @@ impl<'a> Setup<'a> {
     fn send(&mut self, frame: &[u8]) {
         let hdr = self.alloc(NET_HDR_LEN);
         let body = self.alloc(frame.len());
+        self.mem.write_slice(frame, GuestAddress(body)).unwrap();
+        self.tx
+            .add_chain(&[(hdr, NET_HDR_LEN as u32, R), (body, frame.len() as u32, R)]);
+    }
+
+    /// The guest sends `frame` behind `header` (virtio-net's 12 bytes).
+    fn send_with_header(&mut self, header: [u8; NET_HDR_LEN], frame: &[u8]) {
+        let hdr = self.alloc(NET_HDR_LEN);
+        let body = self.alloc(frame.len());
+        self.mem.write_slice(&header, GuestAddress(hdr)).unwrap();
         self.mem.write_slice(frame, GuestAddress(body)).unwrap();
         self.tx
             .add_chain(&[(hdr, NET_HDR_LEN as u32, R), (body, frame.len() as u32, R)]);
@@ -733,4 +750,141 @@ fn the_link_and_the_queues_survive_a_snapshot() {
     s.peer_send(&c);
     s.run_until(|s| s.rx.used_idx() == 2);
     assert_eq!(s.rx.used_entry(1), (1, (NET_HDR_LEN + 80) as u32));
+}
+
+/// A virtio-net header: `flags`, `gso_type`, `gso_size`, `csum_start`,
+/// `csum_offset` (hdr_len 54, num_buffers 0).
+fn net_header(flags: u8, gso_type: u8, gso_size: u16, start: u16, offset: u16) -> [u8; 12] {
+    let mut h = [0u8; NET_HDR_LEN];
+    h[0] = flags;
+    h[1] = gso_type;
+    h[2..4].copy_from_slice(&54u16.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&start.to_le_bytes());
+    h[8..10].copy_from_slice(&offset.to_le_bytes());
+    h
+}
+
+#[test]
+fn offloads_are_offered() {
+    let m = mem();
+    let s = Setup::new(&m, true);
+    let f = s.looped.lock().features();
+    for bit in [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+    ] {
+        assert_ne!(f & bit, 0);
+    }
+}
+
+#[test]
+fn a_large_tcp_segment_leaves_as_checksummed_frames_of_the_mss() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+    let big = offload::tcp_frame(false, &data, 0x18);
+    s.send_with_header(net_header(1, 1, 1448, 34, 16), &big);
+    // A plain frame after it keeps its place.
+    let after = frame(100, 9);
+    s.send(&after);
+    s.kick_tx();
+    let mut joined = Vec::new();
+    for i in 0..4 {
+        let f = s.peer_recv();
+        assert!(checksum_verified(&f), "segment {i}");
+        assert!(f.len() <= 14 + 20 + 20 + 1448);
+        joined.extend_from_slice(&f[54..]);
+    }
+    assert_eq!(joined, data);
+    assert_eq!(s.peer_recv(), after);
+    assert_eq!(s.tx.used(), vec![(0, 0), (2, 0)]);
+    let c = s.counters();
+    assert_eq!((c.tx_frames, c.tx_dropped), (5, 0));
+}
+
+#[test]
+fn a_checksum_left_to_the_card_is_completed() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let mut f = offload::tcp_frame(true, b"hello over IPv6", 0x18);
+    // The guest leaves the pseudo-header's sum in the field, as Linux does:
+    // addresses, length and protocol, folded.
+    let mut pseudo: u32 = f[22..54]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>()
+        + (f.len() as u32 - 54)
+        + 6;
+    while pseudo > 0xffff {
+        pseudo = (pseudo & 0xffff) + (pseudo >> 16);
+    }
+    f[70..72].copy_from_slice(&(pseudo as u16).to_be_bytes());
+    assert!(!checksum_verified(&f));
+    s.send_with_header(net_header(1, 0, 0, 54, 16), &f);
+    s.kick_tx();
+    let out = s.peer_recv();
+    assert!(checksum_verified(&out));
+    assert_eq!(out[..70], f[..70]);
+}
+
+#[test]
+fn received_frames_are_marked_only_when_their_checksum_verifies() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let mut good = offload::tcp_frame(false, b"payload", 0x18);
+    let mut scratch = Vec::new();
+    let mut segs = Vec::new();
+    let header = TxHeader::parse(&net_header(1, 1, 1448, 34, 16));
+    offload::transmit(&header, u64::MAX, &mut good, &mut scratch, |f| {
+        segs.push(f.to_vec())
+    })
+    .unwrap();
+    let good = segs.remove(0);
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0x40;
+    let plain = frame(80, 4);
+    let bufs: Vec<u64> = (0..3).map(|_| s.post(2048)).collect();
+    s.kick_rx();
+    for f in [&good, &bad, &plain] {
+        s.peer_send(f);
+    }
+    s.run_until(|s| s.rx.used().len() == 3);
+    let flags: Vec<u8> = bufs.iter().map(|b| read_guest(&m, *b, 1)[0]).collect();
+    assert_eq!(flags, [HDR_F_DATA_VALID, 0, 0]);
+    assert_eq!(read_guest(&m, bufs[1] + NET_HDR_LEN as u64, bad.len()), bad);
+}
+
+#[test]
+fn offloads_the_driver_did_not_take_are_refused_and_not_vouched_for() {
+    let m = mem();
+    let mut s = Setup::without(&m, VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_CSUM);
+    let data = vec![7u8; 3000];
+    let big = offload::tcp_frame(false, &data, 0x18);
+    s.send_with_header(net_header(1, 1, 1448, 34, 16), &big);
+    // Not a known segmentation type at all.
+    s.send_with_header(net_header(0, 3, 1448, 34, 16), &big);
+    let after = frame(64, 5);
+    s.send(&after);
+    s.kick_tx();
+    assert_eq!(s.peer_recv(), after);
+    assert!(s.peer_has_nothing());
+    assert_eq!(s.tx.used(), vec![(0, 0), (2, 0), (4, 0)]);
+    assert_eq!(s.counters().tx_frames, 1);
+    assert!(!s.looped.lock().interrupt().needs_reset());
+
+    let mut good = offload::tcp_frame(false, b"payload", 0x18);
+    let mut segs = Vec::new();
+    let header = TxHeader::parse(&net_header(1, 1, 1448, 34, 16));
+    offload::transmit(&header, u64::MAX, &mut good, &mut Vec::new(), |f| {
+        segs.push(f.to_vec())
+    })
+    .unwrap();
+    let buf = s.post(2048);
+    s.kick_rx();
+    s.peer_send(&segs[0]);
+    s.run_until(|s| s.rx.used().len() == 1);
+    assert_eq!(read_guest(&m, buf, 1)[0], 0);
 }

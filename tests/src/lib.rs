@@ -584,14 +584,16 @@ fn hung_host_report(dir: &Path) -> String {
 }
 
 /// The symbol tables a hung test host's instruction pointers may fall in:
-/// the emulated CPU is either in the test host's own kernel (its
-/// /proc/kallsyms, saved by the batch script: the kernel's own symbols once
-/// per release, as it boots with `nokaslr`, and its modules', kvm_amd
-/// among them, per boot) or in a nested guest's, the microVM kernel (built
-/// without KASLR; its System.map is kept with the kernel build). The
-/// monitor cannot tell which, so each is tried.
+/// the emulated CPU is either in the test host's own kernel or in a nested
+/// guest's, the microVM kernel (built without KASLR; its System.map is kept
+/// with the kernel build). The monitor cannot tell which, so each is
+/// tried. The test host's symbols come from its /proc/kallsyms, saved by
+/// the batch script: the kernel's own once per release (moved by this
+/// boot's KASLR offset, from the `_text` saved with the batch) and the
+/// modules', kvm_amd among them, with every batch.
 fn symbol_maps(dir: &Path) -> Vec<(String, String)> {
     let mut maps = Vec::new();
+    let batch = std::fs::read_to_string(dir.join("modules.kallsyms")).unwrap_or_default();
     let mut host = String::new();
     if let Ok(entries) = std::fs::read_dir(cache_dir().join("testhost")) {
         let mut found: Vec<_> = entries
@@ -603,11 +605,11 @@ fn symbol_maps(dir: &Path) -> Vec<(String, String)> {
             })
             .collect();
         found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        if let Some(p) = found.pop() {
-            host = std::fs::read_to_string(p).unwrap_or_default();
+        if let (Some(p), Some(text)) = (found.pop(), symbol_address(&batch, "_text")) {
+            host = relocate(&std::fs::read_to_string(p).unwrap_or_default(), text);
         }
     }
-    host.push_str(&std::fs::read_to_string(dir.join("modules.kallsyms")).unwrap_or_default());
+    host.push_str(&batch);
     if !host.is_empty() {
         maps.push(("the test host's kernel".to_owned(), host));
     }
@@ -616,6 +618,32 @@ fn symbol_maps(dir: &Path) -> Vec<(String, String)> {
         maps.push(("the microVM kernel".to_owned(), map));
     }
     maps
+}
+
+/// The address of symbol `name` in `map`.
+fn symbol_address(map: &str, name: &str) -> Option<u64> {
+    map.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let addr = f.next()?;
+        (f.nth(1)? == name).then(|| u64::from_str_radix(addr, 16).ok())?
+    })
+}
+
+/// `map` (kallsyms text) moved so that its `_text` lies at `text`.
+fn relocate(map: &str, text: u64) -> String {
+    let Some(old) = symbol_address(map, "_text") else {
+        return String::new();
+    };
+    let delta = text.wrapping_sub(old);
+    let mut out = String::with_capacity(map.len());
+    for line in map.lines() {
+        if let Some((addr, rest)) = line.split_once(' ') {
+            if let Ok(a) = u64::from_str_radix(addr, 16) {
+                let _ = writeln!(out, "{:016x} {rest}", a.wrapping_add(delta));
+            }
+        }
+    }
+    out
 }
 
 /// `addr` as `symbol+0xoffset` in `map` (System.map text): the nearest
@@ -728,7 +756,7 @@ pub fn run_batch_with(
         );
         let _ = writeln!(
             script,
-            "grep '\\[' /proc/kallsyms > '{}/modules.kallsyms'",
+            "grep -e '\\[' -e ' _text$' /proc/kallsyms > '{}/modules.kallsyms'",
             dir.display()
         );
     }
@@ -1011,6 +1039,23 @@ mod tests {
             name_addresses("RIP=0000000000001000", &[]),
             "RIP 0000000000001000: no System.map to name it\n"
         );
+    }
+
+    #[test]
+    fn the_test_host_kernel_symbols_follow_its_kaslr_offset() {
+        let cached = "ffffffff81000000 T _text\nffffffff81a592e0 t native_safe_halt\n";
+        let batch = "ffffffff9e200000 T _text\nffffffffc0343780 t svm_vcpu_run\t[kvm_amd]\n";
+        assert_eq!(symbol_address(batch, "_text"), Some(0xffffffff9e200000));
+        let moved = relocate(cached, 0xffffffff9e200000);
+        assert_eq!(
+            symbolize(&moved, 0xffffffff9ec592eb).as_deref(),
+            Some("native_safe_halt+0xb")
+        );
+        assert_eq!(
+            symbolize(batch, 0xffffffffc0343790).as_deref(),
+            Some("svm_vcpu_run+0x10")
+        );
+        assert_eq!(relocate("no text here\n", 0), "");
     }
 
     #[test]

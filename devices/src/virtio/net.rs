@@ -810,6 +810,25 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.mergeable = ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
         self.offloads = ctx.acked_features & OFFLOAD_FEATURES;
+        let taken: Vec<&str> = [
+            (VIRTIO_NET_F_CSUM, "checksum"),
+            (VIRTIO_NET_F_HOST_TSO4, "TSO4"),
+            (VIRTIO_NET_F_HOST_TSO6, "TSO6"),
+            (VIRTIO_NET_F_GUEST_CSUM, "receive checksum"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| self.offloads & bit != 0)
+        .map(|(_, name)| name)
+        .collect();
+        info!(
+            "{}: offloads the driver took: {}",
+            self.name,
+            if taken.is_empty() {
+                "none".to_owned()
+            } else {
+                taken.join(", ")
+            }
+        );
         let name = self.name.clone();
         self.state.activate(ctx, &self.interrupt, &name, 2)?;
         self.rx_stalled = false;

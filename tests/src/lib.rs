@@ -323,9 +323,16 @@ const HOST_BOOT_LIMIT_S: u64 = 300;
 const NUDGE_AFTER_S: u64 = 20;
 const NUDGE_EVERY_S: u64 = 10;
 /// What a stalled test host is sent, in turn: a stop and continue of its
-/// emulated CPU (which leaves and re-enters QEMU's execution loop) and an
-/// NMI.
-const NUDGES: [(&str, &str); 2] = [("stop and cont", "stop\ncont\n"), ("NMI", "nmi\n")];
+/// emulated CPU (which leaves and re-enters QEMU's execution loop), an
+/// NMI, and a key press on its PS/2 keyboard: a device interrupt through
+/// the IOAPIC makes QEMU's local APIC re-evaluate what it has pending,
+/// which hung test hosts were seen to need (halted with interrupts on and
+/// their timer vector waiting in IRR, where neither of the others woke it).
+const NUDGES: [(&str, &str); 3] = [
+    ("stop and cont", "stop\ncont\n"),
+    ("NMI", "nmi\n"),
+    ("a key press", "sendkey shift\n"),
+];
 
 /// How a batch treats its test hosts.
 #[derive(Debug, Clone)]

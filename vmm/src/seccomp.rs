@@ -97,12 +97,20 @@ impl ThreadKind {
         let mut calls = BASE.to_vec();
         match self {
             ThreadKind::Main => calls.extend_from_slice(MAIN),
-            ThreadKind::Vcpu => calls.extend_from_slice(DEVICE_WORK),
+            ThreadKind::Vcpu => {
+                calls.extend_from_slice(FILE_IO);
+                calls.extend_from_slice(SOCKET_IO);
+                calls.extend_from_slice(DEVICE_WORK);
+            }
             ThreadKind::Devices => {
+                calls.extend_from_slice(FILE_IO);
+                calls.extend_from_slice(SOCKET_IO);
                 calls.extend_from_slice(DEVICE_WORK);
                 calls.extend_from_slice(EVENT_LOOP);
             }
             ThreadKind::Monitors => {
+                calls.extend_from_slice(FILE_IO);
+                calls.extend_from_slice(SOCKET_IO);
                 calls.extend_from_slice(EVENT_LOOP);
                 calls.extend_from_slice(MONITORS);
             }
@@ -153,27 +161,37 @@ const BASE: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// Device code, on the vCPU threads and the device thread: disk images,
-/// the network and console sockets (which reconnect), eventfds, timers.
-const DEVICE_WORK: &[i64] = &[
+/// Reading, writing and syncing files at an offset (disk images, snapshot
+/// files).
+const FILE_IO: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_preadv,
     libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
-    libc::SYS_socket,
-    libc::SYS_connect,
+];
+
+/// Talking on a connected socket.
+const SOCKET_IO: &[i64] = &[
     libc::SYS_shutdown,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_sendmsg,
     libc::SYS_getsockopt,
+];
+
+/// Device code, on the vCPU threads and the device thread, beyond file and
+/// socket I/O: vectored disk I/O, the network and console sockets'
+/// reconnection, timers.
+const DEVICE_WORK: &[i64] = &[
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_socket,
+    libc::SYS_connect,
     libc::SYS_epoll_ctl,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
@@ -187,17 +205,11 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_epoll_ctl,
 ];
 
-/// The monitor thread: its clients' sockets, snapshots (`migrate`: a
-/// directory of files written, synced and renamed into place; overlay
-/// layers), screenshots, pausing vCPUs, and the keyboard's thread.
+/// The monitor thread, beyond file and socket I/O: accepting clients,
+/// snapshots (`migrate`: a directory of files written, synced and renamed
+/// into place; overlay layers), screenshots, and the keyboard's thread.
 const MONITORS: &[i64] = &[
     libc::SYS_accept4,
-    libc::SYS_shutdown,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_getsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
     libc::SYS_openat,
@@ -209,16 +221,8 @@ const MONITORS: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_getdents64,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
     libc::SYS_copy_file_range,
     libc::SYS_sendfile,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_fallocate,
-    libc::SYS_ftruncate,
     libc::SYS_timerfd_settime,
     libc::SYS_clone,
     libc::SYS_clone3,

@@ -392,10 +392,7 @@ impl Net {
                         counters.tx_frames += 1;
                         counters.tx_bytes += f.len() as u64;
                     };
-                    if header.is_plain() {
-                        send(frame);
-                    } else if let Err(e) =
-                        offload::transmit(&header, offloads, frame, segment, &mut send)
+                    if let Err(e) = offload::transmit(&header, offloads, frame, segment, &mut send)
                     {
                         return Handled::Malformed(ChainError::Invalid(e));
                     }

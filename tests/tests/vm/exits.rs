@@ -2,7 +2,7 @@
 //! system call outside a thread's seccomp allow-list each give skiff-vmm's
 //! documented exit status and log line.
 
-use skiff_tests::{fixtures, run_batch, scratch_dir, skiff_vmm, VmSpec};
+use skiff_tests::{fixtures, run_batch, scratch_dir, shell_quote, skiff_vmm, VmSpec};
 use skiff_vmm::seccomp::SeccompMode;
 use skiff_vmm::VmConfig;
 
@@ -106,14 +106,14 @@ fn reboot_panic_triple_fault_and_sigterm_give_documented_statuses() {
             format!(
                 "SKIFF_SECCOMP_PROBE=devices {} {}; echo \"status=$?\"; \
                  dmesg | grep 'type=1326' | grep 'comm=\"devices\"' | grep ' syscall=110 '",
-                skiff_vmm().display(),
+                shell_quote(&skiff_vmm().display().to_string()),
                 VmConfig {
                     seccomp: SeccompMode::Log,
                     ..guest(&f.microvm, "console=ttyS0 skiff.action=poweroff")
                 }
                 .to_args()
                 .iter()
-                .map(|a| format!("'{a}'"))
+                .map(|a| shell_quote(a))
                 .collect::<Vec<_>>()
                 .join(" ")
             ),

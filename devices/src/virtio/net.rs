@@ -8,7 +8,8 @@
 //! [`Net::set_link`], which the guest sees as carrier), mergeable receive
 //! buffers (`MRG_RXBUF`), EVENT_IDX, and checksum and TCP segmentation
 //! offload (`CSUM`, `GUEST_CSUM`, `HOST_TSO4`, `HOST_TSO6`), which the card
-//! completes itself since the socket carries plain frames (`net/offload.rs`).
+//! completes itself since the socket carries plain frames, and receive
+//! segment joining (`GUEST_TSO4`, `GUEST_TSO6`) (`net/offload.rs`).
 //!
 //! Flow control never blocks a vCPU or the event loop and loses nothing it
 //! does not count (frames in the output buffer when the connection is lost
@@ -57,9 +58,12 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use self::offload::{checksum_verified, TxHeader, HDR_F_DATA_VALID, OFFLOAD_FEATURES};
+use self::offload::{
+    checksum_verified, coalesce, Joined, TxHeader, HDR_F_DATA_VALID, OFFLOAD_FEATURES,
+};
 pub use self::offload::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
 };
 use self::stream::{Io, Stream};
 pub use self::stream::{ETH_HLEN, MAX_FRAME_LEN};
@@ -227,6 +231,9 @@ struct RxUnit {
     /// Where the first chain's `num_buffers` lies (its two bytes may lie
     /// in two descriptors).
     num_buffers_at: [Option<GuestAddress>; 2],
+    /// The frames joined into the card's `rx_joined`, when this unit
+    /// delivers a joined segment instead of the stream's next frame.
+    joined: Option<Joined>,
 }
 
 /// The virtio network card.
@@ -249,6 +256,8 @@ pub struct Net {
     /// No receive buffer left: the socket is not read until the guest
     /// posts some.
     rx_stalled: bool,
+    /// The segment being received, joined from several frames.
+    rx_joined: Vec<u8>,
     /// The socket fd the event loop watches, and for what.
     registered: Option<(RawFd, EventSet)>,
     counters: NetCounters,
@@ -308,6 +317,7 @@ impl Net {
             offloads: 0,
             tx_segment: Vec::new(),
             rx_stalled: false,
+            rx_joined: Vec::new(),
             registered: None,
             counters: NetCounters::default(),
             tx_frame: Vec::new(),
@@ -453,14 +463,15 @@ impl Net {
             };
             let mode = RxMode {
                 mergeable: self.mergeable,
-                guest_csum: self.offloads & VIRTIO_NET_F_GUEST_CSUM != 0,
+                offloads: self.offloads,
                 max_chains: usize::from(active.queues[RECEIVEQ].size())
                     .min(MAX_RX_CHAINS_PER_FRAME),
             };
-            let (stream, counters) = (&mut self.stream, &mut self.counters);
+            let (stream, counters, joined) =
+                (&mut self.stream, &mut self.counters, &mut self.rx_joined);
             let mut unit = RxUnit::default();
             let drained = drain(active, RECEIVEQ, None, |mem, chain| {
-                let handled = receive_into(mem, chain, stream, counters, &mut unit, mode);
+                let handled = receive_into(mem, chain, stream, joined, counters, &mut unit, mode);
                 if matches!(handled, Handled::Malformed(_)) {
                     // The chains of the frame so far are completed empty;
                     // the frame starts over in the next chain.
@@ -568,28 +579,43 @@ fn read_tx_frame(
 #[derive(Clone, Copy)]
 struct RxMode {
     mergeable: bool,
-    guest_csum: bool,
+    /// The offload features acked.
+    offloads: u64,
     max_chains: usize,
 }
 
+impl RxMode {
+    /// Whether segments may be joined: the driver takes large segments
+    /// (for either IP version; [`coalesce`] checks which), partial
+    /// checksums, and buffers merged to hold them.
+    fn joins(&self) -> bool {
+        self.mergeable
+            && self.offloads & VIRTIO_NET_F_GUEST_CSUM != 0
+            && self.offloads & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6) != 0
+    }
+}
+
 /// The receive handler: writes (part of) the next whole frame of `stream`
-/// into `chain`. Without mergeable buffers a frame must fit one chain (one
-/// that does not is dropped, and the chain offered to the next frame);
+/// into `chain`, or the segment joined from its next frames into `joined`
+/// (see [`coalesce`]). Without mergeable buffers a frame must fit one chain
+/// (one that does not is dropped, and the chain offered to the next frame);
 /// with them it continues into the next chains, and its first chain's
 /// `num_buffers` is set once it is complete.
 fn receive_into(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     stream: &mut Stream,
+    joined: &mut Vec<u8>,
     counters: &mut NetCounters,
     unit: &mut RxUnit,
     mode: RxMode,
 ) -> Handled {
     let RxMode {
         mergeable,
-        guest_csum,
+        offloads,
         max_chains,
     } = mode;
+    let guest_csum = offloads & VIRTIO_NET_F_GUEST_CSUM != 0;
     if chain.clone().any(|d| !d.is_write_only()) {
         return Handled::Malformed(ChainError::Invalid("a receive buffer is device-readable"));
     }
@@ -609,24 +635,38 @@ fn receive_into(
     }
     // The frame to write: whole ones only; runts, and without mergeable
     // buffers frames too large for the chain, are dropped.
-    let frame_len = loop {
+    loop {
         let Some(len) = stream.frame().map(<[u8]>::len) else {
             return Handled::Stop;
         };
         if len >= ETH_HLEN && (mergeable || NET_HDR_LEN + len <= room) {
-            break len;
+            break;
         }
         stream.consume();
         counters.rx_dropped += 1;
+    }
+    if first && mode.joins() {
+        unit.joined = coalesce(stream.frames(), offloads, MAX_FRAME_LEN, joined);
+    }
+    let frame = match unit.joined {
+        Some(_) => joined.as_slice(),
+        None => match stream.frame() {
+            Some(f) => f,
+            None => return Handled::Stop,
+        },
     };
-    let Some(frame) = stream.frame() else {
-        return Handled::Stop;
-    };
+    let frame_len = frame.len();
+    // The stream's frames this unit takes, and their bytes as received.
+    let (frames, wire_bytes) = unit
+        .joined
+        .map_or((1, frame_len), |j| (j.frames, j.wire_bytes));
     let total = NET_HDR_LEN + frame_len;
     let mut wrote = 0usize;
     if first {
         let mut header = [0u8; NET_HDR_LEN];
-        if guest_csum && checksum_verified(frame) {
+        if let Some(j) = &unit.joined {
+            header[..NUM_BUFFERS_OFFSET].copy_from_slice(&j.header);
+        } else if guest_csum && checksum_verified(frame) {
             header[0] = HDR_F_DATA_VALID;
         }
         header[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
@@ -648,8 +688,10 @@ fn receive_into(
     let wrote = wrote as u32;
     if unit.written < total {
         if unit.chains >= max_chains {
-            stream.consume();
-            counters.rx_dropped += 1;
+            for _ in 0..frames {
+                stream.consume();
+            }
+            counters.rx_dropped += frames as u64;
             return Handled::Malformed(ChainError::Invalid(
                 "receive buffers too small: a frame needs too many of them",
             ));
@@ -667,9 +709,11 @@ fn receive_into(
             }
         }
     }
-    counters.rx_frames += 1;
-    counters.rx_bytes += frame_len as u64;
-    stream.consume();
+    counters.rx_frames += frames as u64;
+    counters.rx_bytes += wire_bytes as u64;
+    for _ in 0..frames {
+        stream.consume();
+    }
     *unit = RxUnit::default();
     Handled::Used(wrote)
 }
@@ -812,6 +856,8 @@ impl VirtioDevice for Net {
             (VIRTIO_NET_F_HOST_TSO4, "TSO4"),
             (VIRTIO_NET_F_HOST_TSO6, "TSO6"),
             (VIRTIO_NET_F_GUEST_CSUM, "receive checksum"),
+            (VIRTIO_NET_F_GUEST_TSO4, "receive TSO4"),
+            (VIRTIO_NET_F_GUEST_TSO6, "receive TSO6"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.offloads & bit != 0)

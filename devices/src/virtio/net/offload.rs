@@ -19,6 +19,18 @@
 //!   checksum the card has verified is marked `DATA_VALID`, so the guest
 //!   does not verify it again; any other frame goes up unmarked and the
 //!   guest checks it as usual. Nothing is marked without being checked.
+//! * receive, `GUEST_TSO4` / `GUEST_TSO6` (with `GUEST_CSUM` and mergeable
+//!   buffers): in-order segments of one TCP flow already read from the
+//!   socket are joined into one large segment, as a NIC's receive offload
+//!   (or Linux's GRO) does, so the guest takes one buffer chain, one packet
+//!   through its stack and one wake-up for up to 64 KiB instead of one per
+//!   1,448 bytes. Only segments that Linux's GRO would join are joined
+//!   (same addresses, ports, acknowledgement, window and TCP options,
+//!   consecutive sequence numbers, plain ACK flags with PSH on the last
+//!   only, no segment longer than the first), and only ones whose
+//!   checksums the card verified: the joined segment goes up as a partial
+//!   checksum (`NEEDS_CSUM`) with `gso_size` set, which the guest's stack
+//!   trusts and can cut again when it forwards it.
 //!
 //! Every header here is written by the guest or a peer and is untrusted:
 //! a frame the card cannot make sense of is refused (`Err` with the
@@ -33,9 +45,17 @@ pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 /// The driver may send TCP/IPv6 segments of up to 64 KiB.
 pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// The driver takes received TCP/IPv4 segments of up to 64 KiB.
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+/// The driver takes received TCP/IPv6 segments of up to 64 KiB.
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
 /// Every offload feature the card offers.
-pub const OFFLOAD_FEATURES: u64 =
-    VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6;
+pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6;
 
 /// Header flag: the checksum from `csum_start` on is left to the device.
 pub const HDR_F_NEEDS_CSUM: u8 = 1;
@@ -58,7 +78,11 @@ const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
 const TCP_CWR: u8 = 0x80;
+/// Most IP packet bytes (header and payload) a joined segment may have:
+/// IPv4's total length is 16 bits, and IPv6's payload length too.
+const MAX_JOINED_IP_LEN: usize = 65_535;
 
 /// The fields of a transmit chain's virtio-net header that ask for work.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -354,6 +378,191 @@ pub fn checksum_verified(frame: &[u8]) -> bool {
     fold(ip.pseudo_sum(frame, l4.len()) + sum(l4)) == 0xffff
 }
 
+/// The frames [`coalesce`] joined: how many, their bytes on the wire, and
+/// the virtio-net header (without `num_buffers`) the joined frame goes up
+/// with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// Frames joined (at least two).
+    pub frames: usize,
+    /// Their bytes as received.
+    pub wire_bytes: usize,
+    /// `flags`, `gso_type`, `hdr_len`, `gso_size`, `csum_start` and
+    /// `csum_offset`, little-endian, as the first ten header bytes.
+    pub header: [u8; 10],
+}
+
+/// A TCP segment's layout and the fields joining compares.
+struct Segment {
+    ip: Ip,
+    /// Where the payload starts.
+    payload_at: usize,
+    seq: u32,
+    flags: u8,
+}
+
+impl Segment {
+    /// The TCP segment in `frame`, if it is one joining may take: TCP over
+    /// IPv4 (unfragmented) or IPv6 (no extension headers), with a payload,
+    /// only ACK and perhaps PSH set. Its checksum is left to the caller,
+    /// as the costliest check.
+    fn parse(frame: &[u8]) -> Option<Segment> {
+        let ip = Ip::parse(frame)?;
+        if ip.proto != PROTO_TCP {
+            return None;
+        }
+        let doff = usize::from(*frame.get(ip.l4 + 12)? >> 4) * 4;
+        let payload_at = ip.l4 + doff;
+        if doff < 20 || payload_at >= ip.end {
+            return None;
+        }
+        let flags = frame[ip.l4 + 13];
+        if flags & !TCP_PSH != TCP_ACK {
+            return None;
+        }
+        let seq = u32::from_be_bytes([
+            frame[ip.l4 + 4],
+            frame[ip.l4 + 5],
+            frame[ip.l4 + 6],
+            frame[ip.l4 + 7],
+        ]);
+        Some(Segment {
+            ip,
+            payload_at,
+            seq,
+            flags,
+        })
+    }
+
+    fn payload_len(&self) -> usize {
+        self.ip.end - self.payload_at
+    }
+
+    /// Whether `next` (in `nf`) continues the flow of this segment (in
+    /// `f`) as Linux's GRO would join it: the same Ethernet and IP headers
+    /// but for the lengths, id and header checksum, the same ports,
+    /// acknowledgement, window and options, and the same flags but PSH.
+    fn same_flow(&self, f: &[u8], next: &Segment, nf: &[u8]) -> bool {
+        let (a, b) = (&self.ip, &next.ip);
+        if a.l3 != b.l3 || a.v6 != b.v6 || self.payload_at != next.payload_at {
+            return false;
+        }
+        let ip_same = if a.v6 {
+            // Version, class and flow label; next header, hop limit and
+            // addresses.
+            f[a.l3..a.l3 + 4] == nf[b.l3..b.l3 + 4] && f[a.l3 + 6..a.l4] == nf[b.l3 + 6..b.l4]
+        } else {
+            // Version, header length, TOS; flags and fragment offset, TTL,
+            // protocol; addresses and options.
+            f[a.l3..a.l3 + 2] == nf[b.l3..b.l3 + 2]
+                && f[a.l3 + 6..a.l3 + 10] == nf[b.l3 + 6..b.l3 + 10]
+                && f[a.l3 + 12..a.l4] == nf[b.l3 + 12..b.l4]
+        };
+        ip_same
+            && f[..a.l3] == nf[..b.l3]
+            // Ports; acknowledgement, data offset.
+            && f[a.l4..a.l4 + 4] == nf[b.l4..b.l4 + 4]
+            && f[a.l4 + 8..a.l4 + 13] == nf[b.l4 + 8..b.l4 + 13]
+            && self.flags & !TCP_PSH == next.flags & !TCP_PSH
+            // Window; options (the urgent pointer and checksum differ).
+            && f[a.l4 + 14..a.l4 + 16] == nf[b.l4 + 14..b.l4 + 16]
+            && f[a.l4 + 20..self.payload_at] == nf[b.l4 + 20..next.payload_at]
+    }
+}
+
+/// Joins the leading run of in-order segments of one TCP flow among
+/// `frames` (whole frames as read, in order) into `out`, at most
+/// `max_frame` bytes, when the driver acked receive segmentation for its
+/// IP version in `acked`. `None` when fewer than two frames could be
+/// joined: the first frame then goes up alone, as it came.
+pub fn coalesce<'a>(
+    mut frames: impl Iterator<Item = &'a [u8]>,
+    acked: u64,
+    max_frame: usize,
+    out: &mut Vec<u8>,
+) -> Option<Joined> {
+    let first = frames.next()?;
+    let head = Segment::parse(first)?;
+    let feature = if head.ip.v6 {
+        VIRTIO_NET_F_GUEST_TSO6
+    } else {
+        VIRTIO_NET_F_GUEST_TSO4
+    };
+    if acked & (feature | VIRTIO_NET_F_GUEST_CSUM) != feature | VIRTIO_NET_F_GUEST_CSUM
+        || head.flags & TCP_PSH != 0
+        || !checksum_verified(first)
+    {
+        return None;
+    }
+    let mss = head.payload_len();
+    let limit = max_frame.min(head.ip.l3 + MAX_JOINED_IP_LEN);
+    out.clear();
+    out.extend_from_slice(&first[..head.ip.end]);
+    let mut count = 1;
+    let mut wire_bytes = first.len();
+    let mut next_seq = head.seq.wrapping_add(mss as u32);
+    let mut push = false;
+    for frame in frames {
+        let Some(seg) = Segment::parse(frame) else {
+            break;
+        };
+        let len = seg.payload_len();
+        if seg.seq != next_seq
+            || len > mss
+            || out.len() + len > limit
+            || !head.same_flow(first, &seg, frame)
+            || !checksum_verified(frame)
+        {
+            break;
+        }
+        out.extend_from_slice(&frame[seg.payload_at..seg.ip.end]);
+        count += 1;
+        wire_bytes += frame.len();
+        next_seq = next_seq.wrapping_add(len as u32);
+        push = seg.flags & TCP_PSH != 0;
+        // A short segment or PSH ends a run, as in Linux's GRO.
+        if push || len < mss {
+            break;
+        }
+    }
+    if count < 2 {
+        return None;
+    }
+    let Ip { l3, l4, .. } = head.ip;
+    let l4_len = out.len() - l4;
+    // Lengths fit in 16 bits: `limit` kept the IP packet within them.
+    if head.ip.v6 {
+        out[l3 + 4..l3 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    } else {
+        let total = (out.len() - l3) as u16;
+        out[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+        out[l3 + 10..l3 + 12].fill(0);
+        let c = !fold(sum(&out[l3..l4]));
+        out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    if push {
+        out[l4 + 13] |= TCP_PSH;
+    }
+    // A partial checksum: the pseudo-header's sum, which the guest's stack
+    // takes as checked (every joined segment's sum was).
+    let pseudo = fold(head.ip.pseudo_sum(out, l4_len));
+    out[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    let gso_type = if head.ip.v6 { GSO_TCPV6 } else { GSO_TCPV4 };
+    let le = |v: usize| (v as u16).to_le_bytes();
+    let mut header = [0u8; 10];
+    header[0] = HDR_F_NEEDS_CSUM;
+    header[1] = gso_type;
+    header[2..4].copy_from_slice(&le(head.payload_at));
+    header[4..6].copy_from_slice(&le(mss));
+    header[6..8].copy_from_slice(&le(l4));
+    header[8..10].copy_from_slice(&le(16));
+    Some(Joined {
+        frames: count,
+        wire_bytes,
+        header,
+    })
+}
+
 #[cfg(test)]
 /// An Ethernet frame with a TCP segment of `payload` over IPv4 (or
 /// IPv6), flags `flags`, with zero checksums.
@@ -575,6 +784,160 @@ mod tests {
         tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
         tagged.extend_from_slice(&good[0][12..]);
         assert!(checksum_verified(&tagged));
+    }
+
+    /// Joins `segs` as the card would for a driver that acked everything.
+    fn join(segs: &[Vec<u8>]) -> Option<(Joined, Vec<u8>)> {
+        let mut out = Vec::new();
+        let j = coalesce(
+            segs.iter().map(Vec::as_slice),
+            OFFLOAD_FEATURES,
+            65_535 + 14,
+            &mut out,
+        )?;
+        Some((j, out))
+    }
+
+    /// The segments the card cuts `data` into at `mss`, ACK and PSH set.
+    fn cut(v6: bool, data: &[u8], mss: u16) -> Vec<Vec<u8>> {
+        let frame = tcp_frame(v6, data, TCP_ACK | TCP_PSH);
+        segments(&frame, tso(v6, mss), OFFLOAD_FEATURES).unwrap()
+    }
+
+    #[test]
+    fn in_order_segments_are_joined_into_one_that_cuts_back_into_them() {
+        for v6 in [false, true] {
+            let data = payload(10_000);
+            let segs = cut(v6, &data, 1448);
+            let (j, out) = join(&segs).unwrap();
+            assert_eq!(j.frames, 7, "v6={v6}");
+            assert_eq!(j.wire_bytes, segs.iter().map(Vec::len).sum::<usize>());
+            let headers = ip_headers(v6);
+            assert_eq!(out.len(), headers + 10_000);
+            assert_eq!(&out[headers..], &data[..]);
+            let l4 = if v6 { 54 } else { 34 };
+            let le = |i: usize| u16::from_le_bytes([j.header[i], j.header[i + 1]]);
+            assert_eq!(j.header[0], HDR_F_NEEDS_CSUM);
+            assert_eq!(j.header[1], if v6 { GSO_TCPV6 } else { GSO_TCPV4 });
+            assert_eq!(usize::from(le(2)), headers, "hdr_len");
+            assert_eq!(le(4), 1448, "gso_size");
+            assert_eq!(usize::from(le(6)), l4, "csum_start");
+            assert_eq!(le(8), 16, "csum_offset");
+            // PSH of the last segment is kept.
+            assert_eq!(out[l4 + 13], TCP_ACK | TCP_PSH);
+            // The partial checksum, completed as the guest's stack would,
+            // is right, and so is the IPv4 header's.
+            let mut done = out.clone();
+            complete_checksum(&mut done, l4, 16).unwrap();
+            assert!(checksum_verified(&done), "v6={v6}");
+            // Cut again at gso_size, it gives back the very frames joined.
+            let header = TxHeader {
+                flags: HDR_F_NEEDS_CSUM,
+                gso_type: j.header[1],
+                gso_size: le(4),
+                csum_start: le(6),
+                csum_offset: le(8),
+            };
+            assert_eq!(segments(&out, header, OFFLOAD_FEATURES).unwrap(), segs);
+        }
+    }
+
+    #[test]
+    fn a_run_ends_where_linux_would_end_it() {
+        let segs = cut(false, &payload(8 * 1000), 1000);
+        let mss = 1000;
+        let l4 = 34;
+        let joined = |segs: &[Vec<u8>]| join(segs).map(|(j, _)| j.frames);
+        assert_eq!(joined(&segs), Some(8));
+        // A gap in the sequence.
+        let mut gap = segs.clone();
+        gap.remove(3);
+        assert_eq!(joined(&gap), Some(3));
+        // Another window, port or acknowledgement: another run.
+        for at in [l4 + 14, l4 + 1, l4 + 9] {
+            let mut other = segs.clone();
+            other[2][at] ^= 1;
+            // Keep the checksum right: only the field differs.
+            other[2][l4 + 16..l4 + 18].fill(0);
+            let ip = Ip::parse(&other[2]).unwrap();
+            let c = finish(ip.pseudo_sum(&other[2], other[2].len() - l4) + sum(&other[2][l4..]));
+            other[2][l4 + 16..l4 + 18].copy_from_slice(&c);
+            assert_eq!(joined(&other), Some(2), "byte {at}");
+        }
+        // A segment whose checksum is wrong is not vouched for.
+        let mut bad = segs.clone();
+        let last = bad[1].len() - 1;
+        bad[1][last] ^= 1;
+        assert_eq!(joined(&bad), None);
+        // PSH on the first: it goes up alone; on a later one, it ends the
+        // run with itself.
+        assert_eq!(joined(&segs[7..]), None);
+        let mut push = segs.clone();
+        push[2][l4 + 13] |= TCP_PSH;
+        push[2][l4 + 16..l4 + 18].fill(0);
+        let c = finish(
+            Ip::parse(&push[2]).unwrap().pseudo_sum(&push[2], mss + 20) + sum(&push[2][l4..]),
+        );
+        push[2][l4 + 16..l4 + 18].copy_from_slice(&c);
+        assert_eq!(joined(&push), Some(3));
+        // A short segment ends the run with itself; a longer one does not
+        // join.
+        let short = cut(false, &payload(1500), 1000);
+        let mut longer = short.clone();
+        longer.reverse();
+        assert_eq!(joined(&short), Some(2));
+        assert_eq!(joined(&longer), None);
+        // The size limit.
+        let mut out = Vec::new();
+        let j = coalesce(
+            segs.iter().map(Vec::as_slice),
+            OFFLOAD_FEATURES,
+            34 + 20 + 3500,
+            &mut out,
+        );
+        assert_eq!(j.map(|j| j.frames), Some(3));
+    }
+
+    #[test]
+    fn only_what_the_driver_acked_and_plain_tcp_is_joined() {
+        let v4 = cut(false, &payload(3000), 1000);
+        let v6 = cut(true, &payload(3000), 1000);
+        let frames = |segs: &[Vec<u8>], acked| {
+            let mut out = Vec::new();
+            coalesce(segs.iter().map(Vec::as_slice), acked, 70_000, &mut out).map(|j| j.frames)
+        };
+        let tso4 = VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_CSUM;
+        let tso6 = VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_CSUM;
+        assert_eq!(frames(&v4, tso4), Some(3));
+        assert_eq!(frames(&v4, tso6), None);
+        assert_eq!(frames(&v6, tso6), Some(3));
+        assert_eq!(frames(&v6, tso4), None);
+        assert_eq!(frames(&v4, VIRTIO_NET_F_GUEST_TSO4), None, "no GUEST_CSUM");
+        // SYN, FIN, RST, URG, ECE or CWR, and segments without a payload
+        // go up as they came.
+        for flag in [0x02, TCP_FIN, 0x04, 0x20, 0x40, TCP_CWR] {
+            let segs: Vec<Vec<u8>> = (0..2)
+                .map(|_| {
+                    let mut f = tcp_frame(false, &payload(100), TCP_ACK | flag);
+                    let ip = Ip::parse(&f).unwrap();
+                    let c = finish(ip.pseudo_sum(&f, 120) + sum(&f[34..]));
+                    f[50..52].copy_from_slice(&c);
+                    f
+                })
+                .collect();
+            assert!(checksum_verified(&segs[0]));
+            assert_eq!(frames(&segs, OFFLOAD_FEATURES), None, "flag {flag:#x}");
+        }
+        let acks = cut(false, &[], 1000);
+        assert_eq!(
+            frames(&[acks[0].clone(), acks[0].clone()], OFFLOAD_FEATURES),
+            None
+        );
+        assert_eq!(frames(&[], OFFLOAD_FEATURES), None);
+        assert_eq!(
+            frames(&[vec![0u8; 60], vec![0u8; 60]], OFFLOAD_FEATURES),
+            None
+        );
     }
 
     #[test]

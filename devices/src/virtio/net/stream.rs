@@ -253,6 +253,23 @@ impl Stream {
         self.inbuf[self.in_start..].get(PREFIX_LEN..PREFIX_LEN + len)
     }
 
+    /// The whole frames read so far, in order, from the one
+    /// [`Stream::frame`] returns on; ends at a partial frame or a length
+    /// beyond [`MAX_FRAME_LEN`] (which [`Stream::frame`] handles).
+    pub fn frames(&self) -> impl Iterator<Item = &[u8]> {
+        let mut avail = &self.inbuf[self.in_start..];
+        std::iter::from_fn(move || {
+            let prefix: [u8; PREFIX_LEN] = avail.get(..PREFIX_LEN)?.try_into().ok()?;
+            let len = u32::from_be_bytes(prefix) as usize;
+            if len > MAX_FRAME_LEN {
+                return None;
+            }
+            let frame = avail.get(PREFIX_LEN..PREFIX_LEN + len)?;
+            avail = &avail[PREFIX_LEN + len..];
+            Some(frame)
+        })
+    }
+
     /// Drops the frame [`Stream::frame`] returned.
     pub fn consume(&mut self) {
         let avail = &self.inbuf[self.in_start..];

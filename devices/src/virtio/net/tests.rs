@@ -775,6 +775,8 @@ fn offloads_are_offered() {
         VIRTIO_NET_F_GUEST_CSUM,
         VIRTIO_NET_F_HOST_TSO4,
         VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
     ] {
         assert_ne!(f & bit, 0);
     }
@@ -887,4 +889,83 @@ fn offloads_the_driver_did_not_take_are_refused_and_not_vouched_for() {
     s.peer_send(&segs[0]);
     s.run_until(|s| s.rx.used().len() == 1);
     assert_eq!(read_guest(&m, buf, 1)[0], 0);
+}
+
+/// The segments a 14,480-byte send is cut into at 1,448 bytes (TCP over
+/// IPv4, ACK and PSH), and the data.
+fn ten_segments() -> (Vec<Vec<u8>>, Vec<u8>) {
+    let data: Vec<u8> = (0..14_480u32).map(|i| (i % 251) as u8).collect();
+    let mut big = offload::tcp_frame(false, &data, 0x18);
+    let header = TxHeader::parse(&net_header(1, 1, 1448, 34, 16));
+    let mut segs = Vec::new();
+    offload::transmit(&header, u64::MAX, &mut big, &mut Vec::new(), |f| {
+        segs.push(f.to_vec())
+    })
+    .unwrap();
+    assert_eq!(segs.len(), 10);
+    (segs, data)
+}
+
+#[test]
+fn segments_read_together_reach_the_guest_joined() {
+    let m = mem();
+    let mut s = Setup::new(&m, true);
+    let (segs, data) = ten_segments();
+    let bufs: Vec<u64> = (0..12).map(|_| s.post(2048)).collect();
+    s.kick_rx();
+    // One write: the card reads them in one go.
+    let mut wire = Vec::new();
+    for f in &segs {
+        wire.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        wire.extend_from_slice(f);
+    }
+    s.peer.write_all(&wire).unwrap();
+    let total = NET_HDR_LEN + 54 + data.len();
+    let chains = total.div_ceil(2048);
+    s.run_until(|s| s.rx.used().len() == chains);
+    let used = s.rx.used();
+    let mut got = Vec::new();
+    for (buf, (_, len)) in bufs.iter().zip(&used) {
+        got.extend_from_slice(&read_guest(&m, *buf, *len as usize));
+    }
+    assert_eq!(got.len(), total);
+    let h = &got[..NET_HDR_LEN];
+    let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+    assert_eq!(h[0], offload::HDR_F_NEEDS_CSUM);
+    assert_eq!(h[1], 1, "GSO TCPv4");
+    assert_eq!((le(2), le(4), le(6), le(8)), (54, 1448, 34, 16));
+    assert_eq!(usize::from(le(10)), chains, "num_buffers");
+    let frame = &got[NET_HDR_LEN..];
+    assert_eq!(&frame[54..], &data[..]);
+    assert_eq!(frame[..14], segs[0][..14]);
+    let c = s.counters();
+    assert_eq!((c.rx_frames, c.rx_dropped), (10, 0));
+    assert_eq!(c.rx_bytes, segs.iter().map(|f| f.len() as u64).sum::<u64>());
+}
+
+#[test]
+fn segments_are_not_joined_for_a_driver_that_cannot_take_them() {
+    let (segs, _) = ten_segments();
+    let mut wire = Vec::new();
+    for f in &segs {
+        wire.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        wire.extend_from_slice(f);
+    }
+    for drop in [
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_MRG_RXBUF,
+    ] {
+        let m = mem();
+        let mut s = Setup::without(&m, drop);
+        let bufs: Vec<u64> = (0..10).map(|_| s.post(2048)).collect();
+        s.kick_rx();
+        s.peer.write_all(&wire).unwrap();
+        s.run_until(|s| s.rx.used().len() == 10);
+        for (buf, seg) in bufs.iter().zip(&segs) {
+            let got = read_guest(&m, *buf, NET_HDR_LEN + seg.len());
+            assert_eq!(got[1], 0, "no GSO without {drop:#x}");
+            assert_eq!(&got[NET_HDR_LEN..], &seg[..]);
+        }
+    }
 }

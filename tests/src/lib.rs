@@ -322,16 +322,16 @@ const HOST_BOOT_LIMIT_S: u64 = 300;
 /// goes into the batch's stall lines.
 const NUDGE_AFTER_S: u64 = 20;
 const NUDGE_EVERY_S: u64 = 10;
-/// What a stalled test host is sent, in turn: a stop and continue of its
-/// emulated CPU (which leaves and re-enters QEMU's execution loop), an
-/// NMI, and a key press on its PS/2 keyboard: a device interrupt through
-/// the IOAPIC makes QEMU's local APIC re-evaluate what it has pending,
-/// which hung test hosts were seen to need (halted with interrupts on and
-/// their timer vector waiting in IRR, where neither of the others woke it).
+/// What a stalled test host is sent, in turn: a key press on its PS/2
+/// keyboard first (a device interrupt through the IOAPIC makes QEMU's
+/// local APIC re-evaluate what it has pending, which hung test hosts were
+/// seen to need: their timer vector waiting in IRR, untaken, where neither
+/// of the others helped), then an NMI, then a stop and continue of its
+/// emulated CPU (which leaves and re-enters QEMU's execution loop).
 const NUDGES: [(&str, &str); 3] = [
-    ("stop and cont", "stop\ncont\n"),
-    ("NMI", "nmi\n"),
     ("a key press", "sendkey shift\n"),
+    ("NMI", "nmi\n"),
+    ("stop and cont", "stop\ncont\n"),
 ];
 
 /// How a batch treats its test hosts.

@@ -58,6 +58,8 @@ fn run(config: VmConfig) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
+    // Before anything allocates on another thread.
+    skiff_vmm::seccomp::one_allocator_arena();
     let cli = Cli::parse();
     if let Err(msg) = cli.vm.check() {
         // A usage error, as clap's own: exit status 2.

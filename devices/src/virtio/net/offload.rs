@@ -301,26 +301,15 @@ fn segment_tcp(
     if ip.v6 != v6 || ip.proto != PROTO_TCP {
         return Err("a TCP segment whose IP header is not TCP over the announced IP version");
     }
-    let doff = usize::from(
-        frame
-            .get(ip.l4 + 12)
-            .ok_or("a TCP header beyond the frame")?
-            >> 4,
-    ) * 4;
-    let payload_at = ip.l4 + doff;
-    if doff < 20 || payload_at > ip.end {
-        return Err("a TCP header beyond the IP packet");
-    }
+    let Segment {
+        ip,
+        payload_at,
+        seq,
+        flags: tcp_flags,
+    } = Segment::of(frame, ip).ok_or("a TCP header beyond the IP packet")?;
     let headers = &frame[..payload_at];
     let payload = &frame[payload_at..ip.end];
-    let seq = u32::from_be_bytes([
-        frame[ip.l4 + 4],
-        frame[ip.l4 + 5],
-        frame[ip.l4 + 6],
-        frame[ip.l4 + 7],
-    ]);
     let id = be16(frame, ip.l3 + 4).unwrap_or(0);
-    let tcp_flags = frame[ip.l4 + 13];
     let count = payload.len().div_ceil(mss).max(1);
     for i in 0..count {
         let chunk = payload
@@ -392,7 +381,7 @@ pub struct Joined {
     pub header: [u8; 10],
 }
 
-/// A TCP segment's layout and the fields joining compares.
+/// A TCP segment's layout, sequence number and flags.
 struct Segment {
     ip: Ip,
     /// Where the payload starts.
@@ -402,36 +391,35 @@ struct Segment {
 }
 
 impl Segment {
+    /// The TCP segment of the IP packet `ip` in `frame` (its protocol
+    /// checked by the caller); `None` when its header does not lie whole
+    /// within the IP packet.
+    fn of(frame: &[u8], ip: Ip) -> Option<Segment> {
+        let doff = usize::from(*frame.get(ip.l4 + 12)? >> 4) * 4;
+        let payload_at = ip.l4 + doff;
+        if doff < 20 || payload_at > ip.end {
+            return None;
+        }
+        let seq = u32::from_be_bytes(frame[ip.l4 + 4..ip.l4 + 8].try_into().ok()?);
+        Some(Segment {
+            flags: frame[ip.l4 + 13],
+            ip,
+            payload_at,
+            seq,
+        })
+    }
+
     /// The TCP segment in `frame`, if it is one joining may take: TCP over
     /// IPv4 (unfragmented) or IPv6 (no extension headers), with a payload,
     /// only ACK and perhaps PSH set. Its checksum is left to the caller,
     /// as the costliest check.
-    fn parse(frame: &[u8]) -> Option<Segment> {
+    fn joinable(frame: &[u8]) -> Option<Segment> {
         let ip = Ip::parse(frame)?;
         if ip.proto != PROTO_TCP {
             return None;
         }
-        let doff = usize::from(*frame.get(ip.l4 + 12)? >> 4) * 4;
-        let payload_at = ip.l4 + doff;
-        if doff < 20 || payload_at >= ip.end {
-            return None;
-        }
-        let flags = frame[ip.l4 + 13];
-        if flags & !TCP_PSH != TCP_ACK {
-            return None;
-        }
-        let seq = u32::from_be_bytes([
-            frame[ip.l4 + 4],
-            frame[ip.l4 + 5],
-            frame[ip.l4 + 6],
-            frame[ip.l4 + 7],
-        ]);
-        Some(Segment {
-            ip,
-            payload_at,
-            seq,
-            flags,
-        })
+        let seg = Segment::of(frame, ip)?;
+        (seg.payload_at < seg.ip.end && seg.flags & !TCP_PSH == TCP_ACK).then_some(seg)
     }
 
     fn payload_len(&self) -> usize {
@@ -482,7 +470,7 @@ pub fn coalesce<'a>(
     out: &mut Vec<u8>,
 ) -> Option<Joined> {
     let first = frames.next()?;
-    let head = Segment::parse(first)?;
+    let head = Segment::joinable(first)?;
     let feature = if head.ip.v6 {
         VIRTIO_NET_F_GUEST_TSO6
     } else {
@@ -503,7 +491,7 @@ pub fn coalesce<'a>(
     let mut next_seq = head.seq.wrapping_add(mss as u32);
     let mut push = false;
     for frame in frames {
-        let Some(seg) = Segment::parse(frame) else {
+        let Some(seg) = Segment::joinable(frame) else {
             break;
         };
         let len = seg.payload_len();

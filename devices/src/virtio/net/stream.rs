@@ -241,9 +241,7 @@ impl Stream {
     /// [`Stream::consume`]). A length beyond [`MAX_FRAME_LEN`] drops the
     /// connection.
     pub fn frame(&mut self) -> Option<&[u8]> {
-        let avail = &self.inbuf[self.in_start..];
-        let prefix: [u8; PREFIX_LEN] = avail.get(..PREFIX_LEN)?.try_into().ok()?;
-        let len = u32::from_be_bytes(prefix) as usize;
+        let len = announced(&self.inbuf[self.in_start..])?;
         if len > MAX_FRAME_LEN {
             self.lose(&format!(
                 "the peer announced a frame of {len} bytes (at most {MAX_FRAME_LEN})"
@@ -259,8 +257,7 @@ impl Stream {
     pub fn frames(&self) -> impl Iterator<Item = &[u8]> {
         let mut avail = &self.inbuf[self.in_start..];
         std::iter::from_fn(move || {
-            let prefix: [u8; PREFIX_LEN] = avail.get(..PREFIX_LEN)?.try_into().ok()?;
-            let len = u32::from_be_bytes(prefix) as usize;
+            let len = announced(avail)?;
             if len > MAX_FRAME_LEN {
                 return None;
             }
@@ -272,12 +269,17 @@ impl Stream {
 
     /// Drops the frame [`Stream::frame`] returned.
     pub fn consume(&mut self) {
-        let avail = &self.inbuf[self.in_start..];
-        if let Some(prefix) = avail.get(..PREFIX_LEN) {
-            let len = u32::from_be_bytes(prefix.try_into().unwrap_or_default()) as usize;
+        if let Some(len) = announced(&self.inbuf[self.in_start..]) {
             self.in_start = (self.in_start + PREFIX_LEN + len).min(self.inbuf.len());
         }
     }
+}
+
+/// The frame length the length prefix at the start of `input` announces,
+/// once the whole prefix is there.
+fn announced(input: &[u8]) -> Option<usize> {
+    let prefix: [u8; PREFIX_LEN] = input.get(..PREFIX_LEN)?.try_into().ok()?;
+    Some(u32::from_be_bytes(prefix) as usize)
 }
 
 fn connect(path: &Path) -> io::Result<UnixStream> {

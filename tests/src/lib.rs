@@ -762,6 +762,19 @@ pub fn run_batch_with(
             "grep -e '\\[' -e ' _text$' /proc/kallsyms > '{}/modules.kallsyms'",
             dir.display()
         );
+        // A guest starved of its timer interrupts: what the test host's KVM
+        // held for its timers then (host-timer-state.txt).
+        let _ = writeln!(
+            script,
+            "sh {} '{}' & timer_watch=$!",
+            shell_quote(
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("host/timer-watch")
+                    .display()
+                    .to_string()
+            ),
+            dir.display()
+        );
     }
     for (i, spec) in specs.iter().enumerate() {
         let args: Vec<String> = spec.args.iter().map(|a| shell_quote(a)).collect();
@@ -798,7 +811,16 @@ pub fn run_batch_with(
         "dmesg 2>/dev/null | grep 'type=1326' > '{}/seccomp-audit.log'",
         dir.display()
     );
+    if mode == Mode::TestHost {
+        // The test host's whole kernel log: its console shows errors only,
+        // and what its clocks and KVM said (a clocksource marked unstable,
+        // KVM's complaints) explains guests that run slow in it.
+        let _ = writeln!(script, "dmesg > '{}/host-dmesg.log' 2>&1", dir.display());
+    }
     let _ = writeln!(script, "kill $heartbeat");
+    if mode == Mode::TestHost {
+        let _ = writeln!(script, "kill $timer_watch 2>/dev/null");
+    }
     let script_path = dir.join("batch.sh");
     std::fs::write(&script_path, script).expect("write batch script");
 

@@ -1,7 +1,8 @@
 //! skiff-vmm's QMP socket against real clients: qemu.qmp (QEMU's own
 //! Python client from PyPI) pauses, resumes and powers off a systemd guest
 //! through `skiff test`; the shapes of skiff-vmm's replies match those
-//! recorded from QEMU 7.2 (tests/qmp/fixtures/qemu.json).
+//! recorded from QEMU 7.2 (tests/qmp/fixtures/qemu.json); `info registers`
+//! and `info lapic` show a booted guest's vCPU (tests/qmp/cpu_state.py).
 
 use skiff_tests::{
     assert_clean, cache_dir, disk, exit_of, fixtures, run_batch, scratch_dir, shell_quote,
@@ -59,6 +60,8 @@ fn qemu_qmp_drives_a_guest_and_replies_match_qemu() {
         "cd {ws} || exit 1; rm -rf {sock}; mkdir -p {sock}; truncate -s 64M {sock}/disk.img; \
          {vmm} {args} > {sock}/serial 2>&1 & \
          vmm=$!; \
+         python3 tests/qmp/cpu_state.py {sock}/qmp.sock --wait 600 2>&1; \
+         echo \"cpu-state-exit=$?\"; \
          python3 tests/qmp/qmp_shapes.py {sock}/qmp.sock --compare tests/qmp/fixtures/qemu.json 2>&1; \
          st=$?; echo \"exit=$st\"; [ $st = 0 ] || kill $vmm; \
          wait $vmm; echo \"vmm-exit=$?\"; rm -rf {sock}",
@@ -66,7 +69,9 @@ fn qemu_qmp_drives_a_guest_and_replies_match_qemu() {
         vmm = shell_quote(&skiff_vmm().display().to_string()),
         args = vmm_args.join(" "),
     );
-    let shapes = VmSpec::shell("qmp-shapes", shapes_script, 300);
+    // The guest boots (up to 600 s for its LAPIC timer) before the
+    // shapes' session.
+    let shapes = VmSpec::shell("qmp-shapes", shapes_script, 1200);
 
     let o = run_batch("qmp", 3072, &[client, shapes]);
     let client = &o[0];
@@ -95,6 +100,13 @@ fn qemu_qmp_drives_a_guest_and_replies_match_qemu() {
         shapes
             .serial
             .contains("23 replies and events, 0 difference(s)"),
+        "{}",
+        shapes.serial
+    );
+    // info registers / info lapic on the live guest (tests/qmp/cpu_state.py).
+    assert!(
+        shapes.serial.contains("cpu-state: all checks passed")
+            && shapes.serial.contains("cpu-state-exit=0"),
         "{}",
         shapes.serial
     );

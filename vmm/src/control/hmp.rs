@@ -1,5 +1,8 @@
 //! The subset of QEMU's human monitor (HMP) that test tools use, with
-//! QEMU's texts: `info status|version|name|kvm|migrate`, `stop`, `cont`,
+//! QEMU's texts: `info status|version|name|kvm|migrate`, `info registers
+//! [-a|N]` and `info lapic [N]` (N: a vCPU index, which is also its APIC
+//! ID here; `info lapic` adds the TSC-deadline timer's state and whether
+//! the vCPU is halted), `stop`, `cont`,
 //! `system_powerdown`, `system_reset`, `quit`, `help`, `set_link`,
 //! `migrate file:DIR`, `screendump` (PPM, or PNG with `-f png`) and
 //! `sendkey`. Output lines end in CRLF, as QEMU's do; the
@@ -50,8 +53,16 @@ const HELP: &[(&str, &str, &str)] = &[
 
 const INFO_HELP: &[(&str, &str)] = &[
     ("kvm", "show KVM information"),
+    (
+        "lapic [apic-id]",
+        "show the local APIC state of a vCPU (default: the current one)",
+    ),
     ("migrate", "show migration status"),
     ("name", "show the current VM name"),
+    (
+        "registers [-a|vcpu]",
+        "show the cpu registers (-a: all vCPUs; default: the current one)",
+    ),
     ("status", "show the current VM status (running|paused)"),
     ("version", "show the version of QEMU"),
 ];
@@ -109,8 +120,62 @@ fn status_line(state: RunState) -> String {
     s
 }
 
-fn info(sub: &str, machine: &dyn Controls) -> String {
+/// The vCPUs `info registers` or `info lapic` asked for: `arg` is empty
+/// (the current one), `-a` (all, where `all` allows it) or an index.
+fn chosen_cpus(arg: &str, all: bool, current: usize, cpus: u8) -> Result<Option<usize>, String> {
+    match arg {
+        "" => Ok(Some(current)),
+        "-a" if all => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(i) if i < usize::from(cpus) => Ok(Some(i)),
+            _ => Err(format!(
+                "invalid vCPU '{n}': expected {}a number from 0 to {}\r\n",
+                if all { "-a or " } else { "" },
+                cpus.saturating_sub(1)
+            )),
+        },
+    }
+}
+
+/// `info registers` and `info lapic`.
+fn cpu_info(
+    arg: &str,
+    all: bool,
+    current: usize,
+    machine: &dyn Controls,
+    text: fn(&crate::cpu::dump::CpuDump) -> String,
+) -> String {
+    let chosen = match chosen_cpus(arg, all, current, machine.info().cpus) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let dumps = match machine.cpu_dumps() {
+        Ok(d) => d,
+        Err(e) => return error(&e),
+    };
+    match chosen {
+        Some(i) => dumps
+            .iter()
+            .find(|d| d.index == i)
+            .map(text)
+            .unwrap_or_else(|| error(&format!("vCPU {i} did not answer"))),
+        None => dumps
+            .iter()
+            .map(|d| format!("\r\nCPU#{}\r\n{}", d.index, text(d)))
+            .collect(),
+    }
+}
+
+fn info(sub: &str, args: &str, current: usize, machine: &dyn Controls) -> String {
     match sub {
+        "registers" | "r" => cpu_info(
+            args,
+            true,
+            current,
+            machine,
+            crate::cpu::dump::registers_text,
+        ),
+        "lapic" => cpu_info(args, false, current, machine, crate::cpu::dump::lapic_text),
         "" => info_help(),
         "status" => status_line(machine.run_state()),
         "version" => {
@@ -135,6 +200,12 @@ fn info(sub: &str, machine: &dyn Controls) -> String {
 /// Runs one HMP command line and returns its output (possibly empty).
 /// `quit` ends the VM; the caller's connection closes when it exits.
 pub fn execute(line: &str, machine: &dyn Controls) -> String {
+    execute_on(line, machine, 0)
+}
+
+/// [`execute`] with vCPU `current` as the monitor's current CPU (QMP's
+/// `cpu-index`), the one `info registers` and `info lapic` show.
+pub fn execute_on(line: &str, machine: &dyn Controls, current: usize) -> String {
     let (cmd, rest) = split_command(line);
     let no_args = |name: &str, run: &dyn Fn() -> String| {
         if rest.is_empty() {
@@ -150,8 +221,9 @@ pub fn execute(line: &str, machine: &dyn Controls) -> String {
             help_text((!what.is_empty()).then_some(what))
         }
         "info" | "i" => {
-            let (sub, _) = split_command(rest);
-            info(sub, machine)
+            let (sub, more) = split_command(rest);
+            let (arg, _) = split_command(more);
+            info(sub, arg, current, machine)
         }
         "stop" | "s" => no_args("stop", &|| {
             machine.stop();
@@ -263,6 +335,7 @@ mod tests {
     use super::super::testing::{fake, names};
     use super::*;
     use crate::exit::ExitReason;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn banner_and_prompt_as_qemu() {
@@ -271,6 +344,61 @@ mod tests {
             "QEMU 7.2.0 monitor - type 'help' for more information\r\n"
         );
         assert_eq!(PROMPT, "(qemu) ");
+    }
+
+    #[test]
+    fn info_registers_and_lapic_park_a_running_vm_without_stopping_it() {
+        let f = fake();
+        let mut rx = f.events.subscribe();
+        let m = &f.control;
+        let one = execute("info registers", m);
+        assert!(one.starts_with("RAX="), "{one}");
+        assert!(one.contains("RIP=0000000000001000 "), "{one}");
+        assert!(!one.contains("CPU#"));
+        let on_1 = execute_on("info registers", m, 1);
+        assert!(on_1.contains("RIP=0000000000001001 "), "{on_1}");
+        assert_eq!(execute("info registers 1", m), on_1);
+        let all = execute("info registers -a", m);
+        assert!(all.starts_with("\r\nCPU#0\r\nRAX="), "{all}");
+        assert!(all.contains("\r\nCPU#1\r\nRAX="), "{all}");
+        let lapic = execute("info lapic", m);
+        assert!(lapic.starts_with("dumping local APIC state for CPU 0 "));
+        // 1,000,000 cycles at 1 GHz.
+        assert!(lapic.contains("due in 1000 us"), "{lapic}");
+        assert!(execute("info lapic 1", m).contains("for CPU 1 "));
+        // Each look parks the vCPUs and lets them go again, with no
+        // STOP/RESUME and the guest's clock left alone (no pause).
+        assert_eq!(f.vcpus.parks.load(Ordering::SeqCst), 6);
+        assert_eq!(f.vcpus.resumes.load(Ordering::SeqCst), 6);
+        assert_eq!(f.vcpus.pauses.load(Ordering::SeqCst), 0);
+        assert!(names(&mut rx).is_empty());
+        assert_eq!(execute("info status", m), "VM status: running\r\n");
+        // A stopped VM is looked at as it is.
+        execute("stop", m);
+        assert!(execute("info lapic", m).contains("TSC deadline"));
+        assert_eq!(f.vcpus.parks.load(Ordering::SeqCst), 6);
+        assert_eq!(execute("info status", m), "VM status: paused\r\n");
+    }
+
+    #[test]
+    fn info_registers_and_lapic_name_a_bad_vcpu() {
+        let f = fake();
+        let m = &f.control;
+        assert_eq!(
+            execute("info registers 2", m),
+            "invalid vCPU '2': expected -a or a number from 0 to 1\r\n"
+        );
+        assert_eq!(
+            execute("info lapic -a", m),
+            "invalid vCPU '-a': expected a number from 0 to 1\r\n"
+        );
+        assert_eq!(f.vcpus.parks.load(Ordering::SeqCst), 0);
+        assert!(execute("info", m).contains("info lapic [apic-id]  -- show the local APIC"));
+        m.quit();
+        assert_eq!(
+            execute("info registers", m),
+            "Error: the VM has shut down\r\n"
+        );
     }
 
     #[test]

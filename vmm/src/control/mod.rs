@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use crate::cpu::dump::CpuDump;
 use crate::cpu::pause::VcpuPause;
 use crate::exit::ExitReason;
 
@@ -296,6 +297,11 @@ pub trait Controls: Send + Sync {
     fn migration(&self) -> Migration;
     /// The screen, keyboard and pointer (what the VM has of them).
     fn display(&self) -> &display::Display;
+    /// Every vCPU's registers and local APIC (`info registers`, `info
+    /// lapic`), read with the vCPUs parked for the moment it takes; a
+    /// running VM goes on running, with no STOP or RESUME. Fails, saying
+    /// why, once the VM is ending.
+    fn cpu_dumps(&self) -> Result<Vec<CpuDump>, String>;
 }
 
 /// A migration's outcome, as `query-migrate` reports it.
@@ -557,6 +563,20 @@ impl Controls for RunControl {
     fn display(&self) -> &display::Display {
         &self.display
     }
+
+    fn cpu_dumps(&self) -> Result<Vec<CpuDump>, String> {
+        let state = self.lock();
+        match *state {
+            RunState::Running => {
+                self.vcpus.park();
+                let dumps = self.vcpus.dump();
+                self.vcpus.resume();
+                dumps
+            }
+            RunState::Shutdown => Err("the VM has shut down".to_owned()),
+            _ => self.vcpus.dump(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -568,10 +588,11 @@ pub(crate) mod testing {
     use skiff_devices::virtio::input::{Input, InputKind, InputSender};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Counts pauses and resumes.
+    /// Counts pauses, parks and resumes.
     #[derive(Default)]
     pub struct FakeVcpus {
         pub pauses: AtomicUsize,
+        pub parks: AtomicUsize,
         pub resumes: AtomicUsize,
     }
 
@@ -584,6 +605,29 @@ pub(crate) mod testing {
         }
         fn thread_ids(&self) -> Vec<i64> {
             vec![1001, 1002]
+        }
+        fn park(&self) {
+            self.parks.fetch_add(1, Ordering::SeqCst);
+        }
+        /// Two vCPUs: RIP 0x1000 + index, TSC deadline 1 ms ahead of the
+        /// TSC at 1 GHz.
+        fn dump(&self) -> Result<Vec<CpuDump>, String> {
+            Ok((0..2)
+                .map(|index| CpuDump {
+                    index,
+                    mp_state: 0,
+                    regs: kvm_bindings::kvm_regs {
+                        rip: 0x1000 + index as u64,
+                        rflags: 0x202,
+                        ..Default::default()
+                    },
+                    sregs: Default::default(),
+                    lapic: Default::default(),
+                    tsc: Some(5_000_000),
+                    tsc_deadline: Some(6_000_000),
+                    tsc_khz: Some(1_000_000),
+                })
+                .collect())
         }
     }
 

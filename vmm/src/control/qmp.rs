@@ -644,14 +644,16 @@ fn run_command(
             empty()
         }
         "human-monitor-command" => {
+            let mut current = 0;
             if let Some(cpu) = args.get("cpu-index").and_then(Value::as_i64) {
                 if cpu < 0 || cpu >= i64::from(machine.info().cpus) {
                     return Err(QmpError::generic(
                         "Parameter 'cpu-index' expects a CPU number",
                     ));
                 }
+                current = cpu as usize;
             }
-            to_line(&hmp::execute(arg_str("command-line"), machine))
+            to_line(&hmp::execute_on(arg_str("command-line"), machine, current))
         }
         "screendump" => {
             if args.get("head").and_then(Value::as_i64).unwrap_or(0) != 0 {

@@ -439,6 +439,9 @@ mod tests {
         fn display(&self) -> &super::super::display::Display {
             self.0.control.display()
         }
+        fn cpu_dumps(&self) -> Result<Vec<crate::cpu::dump::CpuDump>, String> {
+            self.0.control.cpu_dumps()
+        }
     }
 
     struct Client {

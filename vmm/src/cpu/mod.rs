@@ -3,6 +3,7 @@
 
 pub mod coalesced;
 pub mod cpuid;
+pub mod dump;
 pub mod pause;
 pub mod vcpu;
 

@@ -14,6 +14,7 @@
 //! the guest it was stopped by the host (KVM_KVMCLOCK_CTRL), which keeps
 //! the guest's soft-lockup watchdog quiet.
 
+use std::any::Any;
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,6 +23,7 @@ use kvm_bindings::{kvm_clock_data, kvm_run};
 use kvm_ioctls::{VcpuFd, VmFd};
 use log::debug;
 
+use super::dump::{self, CpuDump};
 use crate::snapshot::{self, vcpu::VcpuState, SnapshotError};
 use crate::sync::lock;
 
@@ -33,6 +35,13 @@ pub trait VcpuPause: Send + Sync {
     fn resume(&self);
     /// Host thread id of each vCPU.
     fn thread_ids(&self) -> Vec<i64>;
+    /// Kicks every vCPU out of the guest and returns once all are parked,
+    /// leaving the guest's clock running: a look at their state, not a
+    /// stop. [`VcpuPause::resume`] lets them run again.
+    fn park(&self);
+    /// The registers and local APIC of every vCPU, which must be parked
+    /// ([`VcpuPause::pause`] or [`VcpuPause::park`]).
+    fn dump(&self) -> Result<Vec<CpuDump>, String>;
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -121,8 +130,8 @@ struct Kick {
 struct Shared {
     /// A pause is requested (or in force).
     pause: bool,
-    /// A snapshot asked the parked vCPUs for their state.
-    save: Option<SaveRequest>,
+    /// Work for the parked vCPU threads (a snapshot's save, a dump).
+    job: Option<JobRequest>,
     /// vCPU threads waiting in `checkpoint`.
     parked: usize,
     /// vCPU threads still running guest code (not ended).
@@ -131,11 +140,15 @@ struct Shared {
     tids: Vec<i64>,
 }
 
-/// A snapshot's request to the parked vCPU threads: each saves its own
-/// state (a `VcpuFd` belongs to its thread) into its slot.
-struct SaveRequest {
-    msrs: Arc<Vec<u32>>,
-    results: Vec<Option<Result<VcpuState, SnapshotError>>>,
+/// What each parked vCPU thread runs on its own `VcpuFd` (a `VcpuFd`
+/// belongs to its thread), given its index.
+type Job = Arc<dyn Fn(&mut VcpuFd, usize) -> Box<dyn Any + Send> + Send + Sync>;
+
+/// A request to the parked vCPU threads: each runs the job and puts what
+/// it returns into its slot.
+struct JobRequest {
+    job: Job,
+    results: Vec<Option<Box<dyn Any + Send>>>,
 }
 
 /// Pause/resume control over all vCPU threads of a VM.
@@ -207,10 +220,9 @@ impl VcpuManager {
         shared.parked += 1;
         self.cond.notify_all();
         while shared.pause {
-            if let Some(req) = shared.save.as_mut() {
+            if let Some(req) = shared.job.as_mut() {
                 if let Some(slot @ None) = req.results.get_mut(index) {
-                    snapshot::vcpu::complete_pending_io(vcpu);
-                    *slot = Some(snapshot::vcpu::save(vcpu, index, &req.msrs));
+                    *slot = Some((req.job)(vcpu, index));
                     self.cond.notify_all();
                     continue;
                 }
@@ -225,8 +237,23 @@ impl VcpuManager {
 
     /// The state of every vCPU, which must all be parked (after
     /// [`VcpuPause::pause`]); `msrs` are the MSRs to save. Each vCPU
-    /// thread reads its own.
+    /// thread reads its own, once the access it last exited for is done.
     pub fn save_vcpus(&self, msrs: Vec<u32>) -> Result<Vec<VcpuState>, SnapshotError> {
+        let msrs = Arc::new(msrs);
+        self.on_parked(move |vcpu, index| {
+            snapshot::vcpu::complete_pending_io(vcpu);
+            snapshot::vcpu::save(vcpu, index, &msrs)
+        })?
+        .into_iter()
+        .collect()
+    }
+
+    /// Runs `job` on every parked vCPU's own thread and returns what each
+    /// returned, in vCPU order.
+    fn on_parked<T: Send + 'static>(
+        &self,
+        job: impl Fn(&mut VcpuFd, usize) -> T + Send + Sync + 'static,
+    ) -> Result<Vec<T>, SnapshotError> {
         let mut shared = lock(&self.shared);
         if !shared.pause {
             return Err(SnapshotError::Invalid("the vCPUs are not paused".into()));
@@ -245,14 +272,14 @@ impl VcpuManager {
             ));
         }
         let count = shared.tids.len();
-        shared.save = Some(SaveRequest {
-            msrs: Arc::new(msrs),
+        shared.job = Some(JobRequest {
+            job: Arc::new(move |vcpu, index| Box::new(job(vcpu, index)) as Box<dyn Any + Send>),
             results: (0..count).map(|_| None).collect(),
         });
         self.cond.notify_all();
         loop {
             let done = shared
-                .save
+                .job
                 .as_ref()
                 .is_some_and(|r| r.results.iter().all(Option::is_some));
             if done {
@@ -263,23 +290,20 @@ impl VcpuManager {
                 .wait(shared)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
-        let req = shared.save.take().expect("a save request is pending");
-        req.results
+        let req = shared.job.take().expect("a job is pending");
+        Ok(req
+            .results
             .into_iter()
-            .map(|r| r.expect("every vCPU answered"))
-            .collect()
+            .map(|r| {
+                *r.expect("every vCPU answered")
+                    .downcast::<T>()
+                    .expect("the job's own result type")
+            })
+            .collect())
     }
 
-    /// Called by a vCPU thread that stops running the guest for good.
-    pub fn gone(&self) {
-        let mut shared = lock(&self.shared);
-        shared.alive = shared.alive.saturating_sub(1);
-        self.cond.notify_all();
-    }
-}
-
-impl VcpuPause for VcpuManager {
-    fn pause(&self) {
+    /// Kicks every vCPU and waits until all are parked.
+    fn kick_and_wait(&self) {
         lock(&self.shared).pause = true;
         for kick in lock(&self.kicks).iter() {
             kick.run.set_immediate_exit();
@@ -299,7 +323,19 @@ impl VcpuPause for VcpuManager {
                 .wait(shared)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
-        drop(shared);
+    }
+
+    /// Called by a vCPU thread that stops running the guest for good.
+    pub fn gone(&self) {
+        let mut shared = lock(&self.shared);
+        shared.alive = shared.alive.saturating_sub(1);
+        self.cond.notify_all();
+    }
+}
+
+impl VcpuPause for VcpuManager {
+    fn pause(&self) {
+        self.kick_and_wait();
         match self.vm.get_clock() {
             Ok(c) => *lock(&self.clock) = Some(c),
             Err(e) => debug!("KVM_GET_CLOCK: {e}"),
@@ -322,5 +358,16 @@ impl VcpuPause for VcpuManager {
 
     fn thread_ids(&self) -> Vec<i64> {
         lock(&self.shared).tids.clone()
+    }
+
+    fn park(&self) {
+        self.kick_and_wait();
+    }
+
+    fn dump(&self) -> Result<Vec<CpuDump>, String> {
+        self.on_parked(|vcpu, index| dump::read(vcpu, index))
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect()
     }
 }

@@ -102,13 +102,15 @@ pub enum MachineError {
     },
     /// The guest's backdoor shell did not come up in time.
     #[error(
-        "{machine}: the guest root shell did not come up within {} s (no `Spawning backdoor root shell...` on hvc0; check backdoor.service); last serial lines:\n{serial}",
+        "{machine}: the guest root shell did not come up within {} s (no `Spawning backdoor root shell...` on hvc0; check backdoor.service); last serial lines:\n{serial}{vcpus}",
         timeout.as_secs()
     )]
     ConnectTimeout {
         machine: String,
         timeout: Duration,
         serial: String,
+        /// What the vCPUs were doing ([`Machine::vcpu_report`]).
+        vcpus: String,
     },
     /// The driver is being stopped.
     #[error("{machine}: {}", Stop::Interrupted)]
@@ -117,11 +119,14 @@ pub enum MachineError {
     #[error("{machine}: {source}")]
     Shell { machine: String, source: ShellError },
     /// The backdoor shell failed while running `command`.
-    #[error("{machine}: running `{command}`: {source}")]
+    #[error("{machine}: running `{command}`: {source}{vcpus}")]
     Command {
         machine: String,
         command: String,
         source: ShellError,
+        /// What the vCPUs were doing when the command timed out
+        /// ([`Machine::vcpu_report`]; empty otherwise).
+        vcpus: String,
     },
     /// skiff-vmm exited before its QMP socket came up.
     #[error(
@@ -957,6 +962,7 @@ impl Machine {
             machine: m.0.name.clone(),
             timeout,
             serial: m.last_serial_lines(20),
+            vcpus: m.vcpu_report(),
         };
         let mut wait = GuestWait::new(self, Phase::Banner { timeout });
         // The VMM connects to our socket as soon as it starts. A VMM whose
@@ -1112,14 +1118,68 @@ impl Machine {
                 {
                     Err(self.died(&format!("running `{command}`")))
                 } else {
+                    let vcpus = if matches!(e, ShellError::Stopped(Stop::Timeout)) {
+                        self.vcpu_report()
+                    } else {
+                        String::new()
+                    };
                     Err(MachineError::Command {
                         machine: self.0.name.clone(),
                         command: command.to_owned(),
                         source: e,
+                        vcpus,
                     })
                 }
             }
         }
+    }
+
+    /// What the vCPUs of a guest that stopped answering were doing, for
+    /// its failure report: each vCPU's instruction pointer and flags, and
+    /// its local APIC timer (mode, TSC deadline against the TSC, pending
+    /// and in-service vectors, halted or not), from skiff-vmm's `info
+    /// registers` and `info lapic`. A guest idle with its timer armed reads
+    /// differently from one whose timer interrupt never comes, or one
+    /// spinning with interrupts off. Empty when the VMM is gone; says why
+    /// when the monitor does not answer.
+    pub fn vcpu_report(&self) -> String {
+        if !self.running() {
+            return String::new();
+        }
+        let hmp = |line: &str, cpu: usize| -> Result<String, MachineError> {
+            let mut args = qmp::Object::new();
+            args.insert("command-line".into(), line.into());
+            args.insert("cpu-index".into(), cpu.into());
+            let reply = self.qmp("human-monitor-command", Some(args), Duration::from_secs(10))?;
+            Ok(reply.as_str().unwrap_or_default().replace("\r\n", "\n"))
+        };
+        let mut out = String::from("\nvCPU state (info registers, info lapic):");
+        for cpu in 0..usize::from(self.0.node.vm.cpus.max(1)) {
+            let regs = match hmp("info registers", cpu) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push_str(&format!("\n  cannot read the vCPUs: {e}"));
+                    return out;
+                }
+            };
+            let lapic = hmp("info lapic", cpu).unwrap_or_else(|e| e.to_string());
+            out.push_str(&format!("\n  CPU#{cpu}:"));
+            let keep = [
+                "RIP=",
+                "LVTT",
+                "Timer",
+                "TSC deadline",
+                "ISR",
+                "IRR",
+                "APIC ID",
+            ];
+            for line in regs.lines().chain(lapic.lines()) {
+                if keep.iter().any(|k| line.starts_with(k)) {
+                    out.push_str(&format!("\n    {}", line.replace('\t', " ")));
+                }
+            }
+        }
+        out
     }
 
     /// Time the current shell connection spent waiting for the guest.

@@ -47,3 +47,26 @@ print(
 assert after[0] <= before[0], f"file descriptors grew: {before[0]} -> {after[0]}"
 assert after[1] <= before[1], f"threads grew: {before[1]} -> {after[1]}"
 assert after[2] - before[2] < 8 * 1024, f"RSS grew by {after[2] - before[2]} KiB"
+
+# A guest that stops answering: the command fails a minute after its own
+# timeout, and the failure says what the guest's vCPUs were doing (skiff-vmm's
+# info registers and info lapic, read while the VM is stopped).
+if BOOT_EVERY > 0:
+    machine.start()
+    machine.succeed("true")
+    machine.qmp_client.send("stop")
+    began = time.monotonic()
+    try:
+        machine.execute("true", timeout=1)
+        raise AssertionError("a command in a stopped VM returned")
+    except AssertionError:
+        raise
+    except Exception as e:
+        report = str(e)
+    for text in ["running `true`", "vCPU state (info registers, info lapic):", "CPU#0:",
+                 "RIP=", "LVTT", "TSC deadline", "APIC ID"]:
+        assert text in report, f"{text!r} missing from the hung guest's report:\n{report}"
+    print(f"starts: a stopped guest's command failed after {time.monotonic() - began:.0f} s, "
+          f"naming its vCPU state")
+    print(report)
+    machine.crash()

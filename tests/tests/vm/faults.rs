@@ -164,5 +164,11 @@ fn check_starts(o: &VmOutcome) {
         .find(|l| l.starts_with(&format!("starts: {STARTS} rounds")))
         .unwrap_or_else(|| panic!("no starts line:\n{text}"));
     println!("{line}");
+    // The hung guest's report (the end of starts.py).
+    assert!(
+        text.contains("starts: a stopped guest's command failed after")
+            && text.contains("naming its vCPU state"),
+        "{text}"
+    );
     assert_clean(o);
 }

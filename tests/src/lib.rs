@@ -806,16 +806,22 @@ pub fn run_batch_with(
             }
         }
     }
-    let _ = writeln!(
-        script,
-        "dmesg 2>/dev/null | grep 'type=1326' > '{}/seccomp-audit.log'",
-        dir.display()
-    );
     if mode == Mode::TestHost {
         // The test host's whole kernel log: its console shows errors only,
         // and what its clocks and KVM said (a clocksource marked unstable,
-        // KVM's complaints) explains guests that run slow in it.
-        let _ = writeln!(script, "dmesg > '{}/host-dmesg.log' 2>&1", dir.display());
+        // KVM's complaints) explains guests that run slow in it. The
+        // seccomp audit records come from it.
+        let _ = writeln!(
+            script,
+            "dmesg > '{d}/host-dmesg.log' 2>&1; grep 'type=1326' '{d}/host-dmesg.log' > '{d}/seccomp-audit.log'",
+            d = dir.display()
+        );
+    } else {
+        let _ = writeln!(
+            script,
+            "dmesg 2>/dev/null | grep 'type=1326' > '{}/seccomp-audit.log'",
+            dir.display()
+        );
     }
     let _ = writeln!(script, "kill $heartbeat");
     if mode == Mode::TestHost {

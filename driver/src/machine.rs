@@ -1118,7 +1118,10 @@ impl Machine {
                 {
                     Err(self.died(&format!("running `{command}`")))
                 } else {
-                    let vcpus = if matches!(e, ShellError::Stopped(Stop::Timeout)) {
+                    let vcpus = if matches!(
+                        e,
+                        ShellError::NoAnswer(_) | ShellError::Stopped(Stop::Timeout)
+                    ) {
                         self.vcpu_report()
                     } else {
                         String::new()
@@ -1166,7 +1169,7 @@ impl Machine {
             out.push_str(&format!("\n  CPU#{cpu}:"));
             let keep = [
                 "RIP=",
-                "LVTT",
+                "LVTT\t",
                 "Timer",
                 "TSC deadline",
                 "ISR",

@@ -10,10 +10,8 @@
 use kvm_bindings::{kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 
-/// MSR_IA32_TSC.
-const MSR_IA32_TSC: u32 = 0x10;
-/// MSR_IA32_TSC_DEADLINE.
-const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+use super::{lapic_reg, APIC_LVT0, APIC_LVT1, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+
 /// KVM_MP_STATE_HALTED.
 const MP_STATE_HALTED: u32 = 3;
 
@@ -34,8 +32,6 @@ const APIC_ICR2: usize = 0x310;
 const APIC_LVTT: usize = 0x320;
 const APIC_LVTTHMR: usize = 0x330;
 const APIC_LVTPC: usize = 0x340;
-const APIC_LVT0: usize = 0x350;
-const APIC_LVT1: usize = 0x360;
 const APIC_LVTERR: usize = 0x370;
 const APIC_TMICT: usize = 0x380;
 const APIC_TMCCT: usize = 0x390;
@@ -92,11 +88,7 @@ pub fn read(vcpu: &VcpuFd, index: usize) -> Result<CpuDump, String> {
 }
 
 fn reg32(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let mut bytes = [0u8; 4];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = lapic.regs[offset + i] as u8;
-    }
-    u32::from_le_bytes(bytes)
+    lapic_reg(&lapic.regs, offset)
 }
 
 /// The vectors set in a 256-bit register (ISR, TMR, IRR): eight 32-bit

@@ -53,7 +53,9 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_TSC: u32 = 0x10;
+pub(crate) const MSR_IA32_TSC: u32 = 0x10;
+/// MSR_IA32_TSC_DEADLINE.
+pub(crate) const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
@@ -69,8 +71,8 @@ const EFER_LME: u64 = 0x100;
 const EFER_LMA: u64 = 0x400;
 
 // LAPIC registers and delivery modes.
-const APIC_LVT0: usize = 0x350;
-const APIC_LVT1: usize = 0x360;
+pub(crate) const APIC_LVT0: usize = 0x350;
+pub(crate) const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
@@ -239,12 +241,17 @@ pub fn configure_vcpu(
     Ok(())
 }
 
-fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+/// The 32-bit local APIC register at `offset` of KVM_GET_LAPIC's page.
+pub(crate) fn lapic_reg(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
     let mut bytes = [0u8; 4];
     for (i, b) in bytes.iter_mut().enumerate() {
         *b = regs[offset + i] as u8;
     }
-    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    u32::from_le_bytes(bytes)
+}
+
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+    let value = (lapic_reg(regs, offset) & !0x700) | (mode << 8);
     for (i, b) in value.to_le_bytes().iter().enumerate() {
         regs[offset + i] = *b as std::os::raw::c_char;
     }

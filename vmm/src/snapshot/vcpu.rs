@@ -24,10 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use super::SnapshotError;
 
-/// MSR_IA32_TSC.
-const MSR_IA32_TSC: u32 = 0x10;
-/// MSR_IA32_TSC_DEADLINE: restored after the TSC, in a call of its own.
-const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+// MSR_IA32_TSC_DEADLINE is restored after the TSC, in a call of its own.
+use crate::cpu::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 /// MSR_IA32_MCG_CTL: not restorable on every host; dropped, as
 /// Firecracker does.
 const MSR_IA32_MCG_CTL: u32 = 0x17b;
